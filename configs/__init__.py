@@ -1,0 +1,1 @@
+"""One config per paper experiment; each imports `default` and overrides fields."""

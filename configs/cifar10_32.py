@@ -1,0 +1,9 @@
+"""CIFAR-10 ResNet-32, option A (paper section 4.2, Table 6)."""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.name = 'cifar10_32'
+  config.model.depth = 32
+  return config

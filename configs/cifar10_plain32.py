@@ -1,0 +1,10 @@
+"""CIFAR-10 plain-32: the ResNet-32 layers without shortcuts (paper Fig. 6, left)."""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.name = 'cifar10_plain32'
+  config.model.depth = 32
+  config.model.residual = False
+  return config

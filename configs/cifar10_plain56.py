@@ -1,0 +1,10 @@
+"""CIFAR-10 plain-56: the ResNet-56 layers without shortcuts (paper Fig. 6, left)."""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.name = 'cifar10_plain56'
+  config.model.depth = 56
+  config.model.residual = False
+  return config

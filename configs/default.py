@@ -1,0 +1,72 @@
+"""Defaults shared by every experiment: the paper's CIFAR-10 recipe (section 4.2) for ResNet-20.
+
+Experiment files import this, call `get_config()` and override fields; command-line overrides such as
+`--config.train.num_steps=200` work on every field listed here.
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.name = 'default'
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.family = 'cifar'  # 'cifar' | 'imagenet'
+  config.model.depth = 20
+  config.model.residual = True  # False: the paper's plain counterpart
+  config.model.shortcut = 'A'  # 'A' zero-pad identity | 'B' projection when shape changes | 'C' always
+  config.model.num_classes = 10
+  config.model.dtype = 'float32'  # computation dtype
+  config.model.param_dtype = 'float32'
+  config.model.stride_on_3x3 = False  # True: "v1.5" bottleneck; the paper strides the first 1x1
+  config.model.init_mode = 'fan_in'  # He init over 'fan_in' (the paper) or 'fan_out'
+  config.model.zero_init_last_bn = False  # not in the paper
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'cifar10'
+  config.data.source = 'tfds'  # 'tfds' | 'image_folder' | 'synthetic'
+  config.data.data_dir = ''  # tfds data_dir; '' = tfds default (~/tensorflow_datasets)
+  config.data.image_folder = ''  # split/class/image tree, or a .tar.gz of one
+  config.data.cache_dir = ''  # decoded arrays and mean image; '' = ~/.cache/resnet_jax
+  config.data.image_size = 32
+  config.data.val_split = 0  # >0: hold out this many training images and evaluate on them (45k/5k)
+  config.data.train_limit = 0  # >0: train on a fixed subset of this many images (debugging, tests)
+  config.data.eval_limit = 0  # >0: evaluate on the first this many images
+  config.data.prefetch = 2  # batches placed on devices ahead of the step
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128  # global, over all devices of all hosts
+  config.train.eval_batch_size = 500
+  config.train.num_steps = 64_000
+  config.train.log_every_steps = 100
+  config.train.eval_every_steps = 2_000
+  config.train.checkpoint_every_steps = 2_000
+  config.train.keep_checkpoints = 3
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.momentum_style = 'caffe'  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g
+  config.optimizer.boundaries = (32_000, 48_000)  # iterations where the lr is multiplied by decay
+  config.optimizer.decay = 0.1
+  # ResNet-110's warm-up: warmup_learning_rate until the training error of a step's batch falls
+  # below warmup_error, or for at most warmup_max_steps. 0 = no warm-up.
+  config.optimizer.warmup_learning_rate = 0.0
+  config.optimizer.warmup_error = 0.8
+  config.optimizer.warmup_max_steps = 2_000
+  return config
+
+
+def get_imagenet_config():
+  """ImageNet defaults (Table 1, section 3.4); the ImageNet issue completes the recipe."""
+  config = get_config()
+  config.model.family = 'imagenet'
+  config.model.depth = 50
+  config.model.shortcut = 'B'
+  config.model.num_classes = 1000
+  config.data.name = 'imagenet2012'
+  config.data.image_size = 224
+  config.train.batch_size = 256
+  return config

@@ -1,0 +1,1 @@
+"""Deep residual networks (He et al., CVPR 2016) in JAX/Flax."""

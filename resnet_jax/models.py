@@ -1,0 +1,165 @@
+"""The paper's networks: basic and bottleneck blocks, shortcuts A/B/C, CIFAR and ImageNet ResNets.
+
+All padding is explicit and symmetric (as in Caffe and PyTorch): Flax's 'SAME' pads (0, 1) for a stride-2
+conv on an even input, which would sample odd pixels in the conv branch while the shortcut (option A's
+x[:, ::2, ::2] or a 1x1/2 projection) samples even ones.
+"""
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+PAD3 = ((1, 1), (1, 1))  # 3x3 convs: 1 pixel each side
+PAD7 = ((3, 3), (3, 3))  # ImageNet stem
+IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck), Table 1
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+}
+
+
+class Shortcut(nn.Module):
+  """The identity path of a block: option A, B or C (paper section 3.3)."""
+  features: int
+  strides: int
+  option: str
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x):
+    changes = self.strides != 1 or x.shape[-1] != self.features
+    if self.option == 'C' or (self.option == 'B' and changes):
+      x = self.conv(self.features, (1, 1), (self.strides, self.strides), padding='VALID', name='proj_conv')(x)
+      return self.norm(name='proj_bn')(x)
+    # Option A (and B/C's identity): subsample, then zero-pad the new channels; no parameters.
+    if self.strides != 1:
+      x = x[:, ::self.strides, ::self.strides, :]
+    extra = self.features - x.shape[-1]
+    if extra > 0:
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    return x
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (CIFAR nets, ResNet-18/34); `residual=False` is the plain counterpart."""
+  features: int
+  strides: int
+  residual: bool
+  shortcut: str
+  conv: Any
+  norm: Any
+  act: Any = nn.relu
+  zero_init_last_bn: bool = False
+  stride_on_3x3: bool = False  # basic blocks always stride the first 3x3
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.features, (3, 3), (self.strides, self.strides), padding=PAD3, name='conv1')(x)
+    y = self.norm(name='bn1')(y)
+    self.sow('intermediates', 'responses', y)
+    y = self.act(y)
+    y = self.conv(self.features, (3, 3), padding=PAD3, name='conv2')(y)
+    y = self.norm(name='bn2', scale_init=_last_scale_init(self.zero_init_last_bn))(y)
+    self.sow('intermediates', 'responses', y)
+    if self.residual:
+      y = y + Shortcut(self.features, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
+    return self.act(y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand (x4). The paper (v1) strides the first 1x1; `stride_on_3x3` is "v1.5"."""
+  features: int  # of the 3x3; the block outputs 4x this
+  strides: int
+  residual: bool
+  shortcut: str
+  conv: Any
+  norm: Any
+  act: Any = nn.relu
+  zero_init_last_bn: bool = False
+  stride_on_3x3: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    s1, s3 = ((1, self.strides) if self.stride_on_3x3 else (self.strides, 1))
+    y = self.conv(self.features, (1, 1), (s1, s1), padding='VALID', name='conv1')(x)
+    y = self.act(self.norm(name='bn1')(y))
+    y = self.conv(self.features, (3, 3), (s3, s3), padding=PAD3, name='conv2')(y)
+    y = self.norm(name='bn2')(y)
+    self.sow('intermediates', 'responses', y)
+    y = self.act(y)
+    y = self.conv(4 * self.features, (1, 1), padding='VALID', name='conv3')(y)
+    y = self.norm(name='bn3', scale_init=_last_scale_init(self.zero_init_last_bn))(y)
+    if self.residual:
+      y = y + Shortcut(4 * self.features, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
+    return self.act(y)
+
+
+def _last_scale_init(zero):
+  return nn.initializers.zeros if zero else nn.initializers.ones
+
+
+class ResNet(nn.Module):
+  """A stem, stages of blocks (the first block of every stage but the first strides 2), pool, dense."""
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+  block: Any
+  stem: str  # 'cifar': 3x3 conv 16 | 'imagenet': 7x7/2 conv 64 + 3x3/2 max pool
+  num_classes: int
+  residual: bool = True
+  shortcut: str = 'B'
+  stride_on_3x3: bool = False
+  init_mode: str = 'fan_in'
+  zero_init_last_bn: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None  # 'batch' inside the data-parallel step: sync BN
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    he = nn.initializers.variance_scaling(2.0, self.init_mode, 'normal')
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
+    x = x.astype(self.dtype)
+    if self.stem == 'cifar':
+      x = nn.relu(norm(name='stem_bn')(conv(self.widths[0], (3, 3), padding=PAD3, name='stem_conv')(x)))
+    else:
+      x = nn.relu(norm(name='stem_bn')(conv(64, (7, 7), (2, 2), padding=PAD7, name='stem_conv')(x)))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD3)  # Flax pads max pools with -inf
+    for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for j in range(blocks):
+        x = self.block(width, 2 if i > 0 and j == 0 else 1, self.residual, self.shortcut, conv, norm,
+                       zero_init_last_bn=self.zero_init_last_bn, stride_on_3x3=self.stride_on_3x3,
+                       name=f'stage{i + 1}_block{j + 1}')(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='fc')(x)
+    return x.astype(jnp.float32)
+
+
+def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
+  """The network a config's `model` section names; raises ValueError with one sentence if it is invalid."""
+  family, depth, shortcut = model_config.family, model_config.depth, model_config.shortcut
+  if shortcut not in ('A', 'B', 'C'):
+    raise ValueError(f"Unknown shortcut option {shortcut!r}: use 'A', 'B' or 'C'.")
+  if model_config.init_mode not in ('fan_in', 'fan_out'):
+    raise ValueError(f"Unknown init_mode {model_config.init_mode!r}: use 'fan_in' or 'fan_out'.")
+  if family == 'cifar':
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+      raise ValueError(f'CIFAR ResNet depth must be 6n+2, got {depth}.')
+    stages, bottleneck, widths, stem = (((depth - 2) // 6,) * 3, False, (16, 32, 64), 'cifar')
+  elif family == 'imagenet':
+    if depth not in IMAGENET_STAGES:
+      raise ValueError(f'ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}.')
+    (stages, bottleneck), widths, stem = IMAGENET_STAGES[depth], (64, 128, 256, 512), 'imagenet'
+  else:
+    raise ValueError(f"Unknown model family {family!r}: use 'cifar' or 'imagenet'.")
+  return ResNet(
+      stage_sizes=stages, widths=widths, block=BottleneckBlock if bottleneck else BasicBlock, stem=stem,
+      num_classes=model_config.num_classes, residual=model_config.residual, shortcut=shortcut,
+      stride_on_3x3=model_config.stride_on_3x3, init_mode=model_config.init_mode,
+      zero_init_last_bn=model_config.zero_init_last_bn, dtype=jnp.dtype(model_config.dtype),
+      param_dtype=jnp.dtype(model_config.param_dtype), bn_axis_name=bn_axis_name)

@@ -1,0 +1,41 @@
+"""Shared test set-up: 8 fake CPU devices, a persistent compilation cache, the real data fixtures."""
+import os
+import pathlib
+import tarfile
+
+# Before jax is imported anywhere: eight CPU devices so data-parallel code runs as on a pod slice.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = pathlib.Path(os.environ.get('RESNET_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'resnet_jax_tests'))
+jax.config.update('jax_compilation_cache_dir', str(_CACHE / 'jax'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get('RESNET_JAX_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+
+
+def _extract(tmp_path_factory, name, top):
+  tar = SHARED_DATA / name
+  if not tar.exists():
+    pytest.skip(f'{tar} is absent: the real-data tests need ../shared/data beside the checkout')
+  out = tmp_path_factory.getbasetemp() / f'{top}-extracted'
+  if not (out / top).exists():
+    with tarfile.open(tar) as f:
+      f.extractall(out, filter='data')
+  return out / top
+
+
+@pytest.fixture(scope='session')
+def cifar_folder(tmp_path_factory):
+  """The real CIFAR-10 JPEG copy, extracted once per session: <dir>/{train,test}/<class>/*.jpg."""
+  return _extract(tmp_path_factory, 'cifar10-jpg.tar.gz', 'cifar10-jpg')
+
+
+@pytest.fixture(scope='session')
+def imagenet_sample_folder(tmp_path_factory):
+  """The 100-image ImageNet sample: <dir>/val/<wnid>/*.JPEG."""
+  return _extract(tmp_path_factory, 'imagenet-sample-100.tar.gz', 'imagenet-sample')

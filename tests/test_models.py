@@ -1,0 +1,185 @@
+"""The networks against the paper's sizes and costs, and the properties its text states."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from resnet_jax import models, summary
+
+
+def model_config(family='cifar', depth=8, **overrides):
+  config = default.get_config() if family == 'cifar' else default.get_imagenet_config()
+  config.model.depth = depth
+  config.model.update(overrides)
+  return config
+
+
+def param_shapes(config, size, batch=1):
+  """Variables of the config's network from one traced forward pass (no compile), checking the logits' shape."""
+  model = models.create(config.model)
+  x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  logits, variables = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
+  assert logits.shape == (batch, config.model.num_classes) and logits.dtype == jnp.float32
+  return variables
+
+
+def n_params(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('depth,expected', [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018),
+                                            (110, 1_727_962), (1202, 19_421_274)])
+def test_cifar_parameter_counts(depth, expected):  # ResNet-1202's shapes too, traced, never compiled
+  assert n_params(param_shapes(model_config('cifar', depth), 32, batch=2)['params']) == expected
+
+
+@pytest.mark.parametrize('depth,expected', [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
+                                            (101, 44_549_160), (152, 60_192_808)])
+def test_imagenet_parameter_counts_option_b(depth, expected):
+  assert n_params(param_shapes(model_config('imagenet', depth, shortcut='B'), 224, batch=2)['params']) == expected
+
+
+@pytest.mark.parametrize('depth,gmacs', [(18, 1.814), (34, 3.664), (50, 3.858), (101, 7.570), (152, 11.282)])
+def test_imagenet_macs_within_one_percent(depth, gmacs):
+  _, _, macs = summary.count(model_config('imagenet', depth, shortcut='B'))
+  assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
+
+
+def test_v1_5_moves_the_stride_and_costs_more():
+  # torchvision's resnet50 (stride on the 3x3) is the familiar 4.09 GMACs; v1 saves the 3x3 at full size.
+  _, params_v15, macs_v15 = summary.count(model_config('imagenet', 50, stride_on_3x3=True))
+  _, params_v1, macs_v1 = summary.count(model_config('imagenet', 50))
+  assert params_v15 == params_v1
+  assert abs(macs_v15 / 1e9 - 4.089) < 0.01 and macs_v1 < macs_v15
+
+
+@pytest.mark.parametrize('family,depth,size', [('cifar', 20, 32), ('imagenet', 34, 224)])
+def test_option_a_adds_no_parameters_and_matches_plain(family, depth, size):
+  plain = param_shapes(model_config(family, depth, residual=False, shortcut='A'), size)
+  option_a = param_shapes(model_config(family, depth, shortcut='A'), size)
+  assert jax.tree.structure(plain) == jax.tree.structure(option_a)
+  assert jax.tree.map(lambda x: x.shape, plain) == jax.tree.map(lambda x: x.shape, option_a)
+  option_b = param_shapes(model_config(family, depth, shortcut='B'), size)
+  assert n_params(option_b['params']) > n_params(option_a['params'])
+
+
+def test_option_c_projects_every_block():
+  params = param_shapes(model_config('imagenet', 34, shortcut='C'), 224)['params']
+  blocks = [k for k in params if k.startswith('stage')]
+  assert len(blocks) == 16 and all('proj_conv' in params[k]['shortcut'] for k in blocks)
+  params_b = param_shapes(model_config('imagenet', 34, shortcut='B'), 224)['params']
+  assert sum('shortcut' in params_b[k] for k in blocks) == 3  # only where dimensions increase
+
+
+def _block_with_center_taps(block_cls, option, **kw):
+  """A stride-2 block whose conv kernels are non-zero only at the centre tap, in eval mode."""
+  conv = functools.partial(nn.Conv, use_bias=False)
+  norm = functools.partial(nn.BatchNorm, use_running_average=True)
+  block = block_cls(features=8, strides=2, residual=True, shortcut=option, conv=conv, norm=norm, **kw)
+  x = jnp.zeros((1, 8, 8, 4))
+  variables = block.init(jax.random.key(0), x)
+
+  def center(path, p):
+    if path[-1].key != 'kernel':
+      return p
+    h, w = p.shape[:2]
+    return jnp.zeros_like(p).at[h // 2, w // 2].set(jnp.abs(p[h // 2, w // 2]) + 0.1)
+
+  params = jax.tree_util.tree_map_with_path(center, variables['params'])
+  return block, {'params': params, 'batch_stats': variables['batch_stats']}
+
+
+@pytest.mark.parametrize('block_cls,option,kw', [
+    (models.BasicBlock, 'A', {}), (models.BasicBlock, 'B', {}),
+    (models.BottleneckBlock, 'B', {}), (models.BottleneckBlock, 'B', {'stride_on_3x3': True}),
+    (models.BottleneckBlock, 'A', {})])
+def test_stride_two_branches_are_aligned(block_cls, option, kw):
+  """An impulse at an even pixel reaches the same output pixel through the conv branch and the shortcut."""
+  block, variables = _block_with_center_taps(block_cls, option, **kw)
+  features = 8 * (4 if block_cls is models.BottleneckBlock else 1)
+  for pos in [(2, 4), (6, 0)]:
+    x = jnp.zeros((1, 8, 8, 4)).at[0, pos[0], pos[1], 1].set(1.0)
+    _, state = block.apply(variables, x, mutable=['intermediates'])
+    shortcut = models.Shortcut(features, 2, option, block.conv, block.norm).apply(
+        {k: v['shortcut'] for k, v in variables.items() if 'shortcut' in v}, x)
+    branch = state['intermediates']['responses'][-1]
+    conv_pixels = {tuple(p[1:3]) for p in np.argwhere(np.abs(np.asarray(branch)) > 1e-6)}
+    short_pixels = {tuple(p[1:3]) for p in np.argwhere(np.abs(np.asarray(shortcut)) > 1e-6)}
+    assert conv_pixels == short_pixels == {(pos[0] // 2, pos[1] // 2)}
+
+
+@pytest.mark.parametrize('family,depth,size,classes', [('cifar', 8, 32, 10), ('imagenet', 18, 64, 1000)])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_output_shapes_and_dtypes(family, depth, size, classes, dtype):
+  model = models.create(model_config(family, depth, dtype=dtype).model)
+  x = jnp.ones((2, size, size, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  for train in (True, False):
+    logits, state = model.apply(variables, x, train=train, mutable=['batch_stats', 'intermediates'])
+    assert logits.shape == (2, classes) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+    assert all(r.dtype == jnp.dtype(dtype) for r in jax.tree.leaves(state['intermediates']))
+
+
+@pytest.mark.parametrize('mode', ['fan_in', 'fan_out'])
+def test_he_init_std(mode):
+  params = models.create(model_config('cifar', 8, init_mode=mode).model).init(
+      jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+  kernel = np.asarray(params['stage3_block1']['conv2']['kernel'])  # 3x3x64x64: 36,864 samples
+  fan = 9 * (kernel.shape[2] if mode == 'fan_in' else kernel.shape[3])
+  assert abs(kernel.std() / np.sqrt(2 / fan) - 1) < 0.05
+  stem = np.asarray(params['stage2_block1']['conv1']['kernel'])  # 3x3x16x32: fan-in and fan-out differ
+  fan = 9 * (stem.shape[2] if mode == 'fan_in' else stem.shape[3])
+  assert abs(stem.std() / np.sqrt(2 / fan) - 1) < 0.05
+
+
+def test_zero_init_last_bn_scale():
+  model = models.create(model_config('cifar', 8, zero_init_last_bn=True).model)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+  assert np.all(np.asarray(params['stage1_block1']['bn2']['scale']) == 0)
+  assert np.all(np.asarray(params['stage1_block1']['bn1']['scale']) == 1)
+
+
+@pytest.mark.parametrize('family,depth,size,expected', [('cifar', 20, 32, 18), ('imagenet', 50, 64, 16)])
+def test_sown_3x3_responses(family, depth, size, expected):
+  model = models.create(model_config(family, depth).model)
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  _, state = jax.eval_shape(lambda v: model.apply(v, x, train=False, mutable=['intermediates']), variables)
+  responses = [r for block in state['intermediates'].values() for r in block['responses']]
+  assert len(responses) == expected
+  if family == 'cifar':  # 2n layers on each of the 32/16/8 maps with 16/32/64 filters
+    n = (depth - 2) // 6
+    assert [r.shape for r in responses] == [(2, 32 // 2**i, 32 // 2**i, 16 * 2**i) for i in range(3) for _ in range(2 * n)]
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(family='cifar', depth=21), 'CIFAR ResNet depth must be 6n+2, got 21'),
+    (dict(family='cifar', depth=2), 'CIFAR ResNet depth must be 6n+2, got 2'),
+    (dict(family='imagenet', depth=42), 'ImageNet ResNet depth must be one of [18, 34, 50, 101, 152], got 42'),
+    (dict(family='cifar', shortcut='D'), "Unknown shortcut option 'D'"),
+    (dict(family='mnist'), "Unknown model family 'mnist'"),
+])
+def test_invalid_requests_fail_with_one_sentence(overrides, message):
+  config = default.get_config()
+  config.model.update(overrides)
+  with pytest.raises(ValueError) as err:
+    models.create(config.model)
+  assert message in str(err.value) and '\n' not in str(err.value)
+
+
+def test_summary_cli(tmp_path):
+  import json, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  run = lambda *a: subprocess.run([sys.executable, '-m', 'resnet_jax.summary', '--config=configs/cifar10_20.py', *a],
+                                  cwd=REPO, capture_output=True, text=True, check=True).stdout
+  assert json.loads(run('--json')) == {'model': 'cifar10_20', 'params': 269_722, 'macs': summary.count(
+      default.get_config())[2]}
+  overview = run()
+  assert 'stage3_block3/conv2/kernel' in overview and overview.strip().splitlines()[-1].startswith(
+      'cifar10_20: 269,722 trainable parameters')
