@@ -37,7 +37,7 @@ def get_config():
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global, over all devices of all hosts
-  config.train.eval_batch_size = 500
+  config.train.eval_batch_size = 1024  # a power of two divides any device count up to it
   config.train.num_steps = 64_000
   config.train.log_every_steps = 100
   config.train.eval_every_steps = 2_000

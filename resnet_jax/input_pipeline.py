@@ -1,0 +1,386 @@
+"""CIFAR-10 input: the whole dataset in host memory, every batch a pure function of (seed, step).
+
+Paper section 4.2: subtract the per-pixel mean, pad 4 pixels with zeros, take a random 32x32 crop and
+flip half the images; evaluate on the single original view. Because a batch depends only on the seed
+and the global step, a run resumed from a checkpoint sees exactly the data it would have seen, and
+there is no iterator state to save. TensorFlow is imported only by the tfds loader.
+"""
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import io
+import itertools
+import multiprocessing
+import os
+import posixpath
+import socket
+import tarfile
+from typing import Iterator
+import zlib
+
+import numpy as np
+
+PAD = 4  # pixels of zero padding on each side; crop offsets are drawn from [0, 2 * PAD]
+_FORMAT = 1  # bump to invalidate the decoded-image caches
+_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.gif', '.tif', '.tiff', '.webp')
+
+
+class DataError(ValueError):
+  """User-facing data problem; the message is one sentence naming the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  train_images: np.ndarray  # uint8 [N, H, W, 3]
+  train_labels: np.ndarray  # int32 [N]
+  eval_images: np.ndarray  # uint8 [M, H, W, 3]
+  eval_labels: np.ndarray  # int32 [M]
+  mean_image: np.ndarray  # float32 [H, W, 3], per-pixel mean of train_images, in 0..255 units
+  num_classes: int
+  eval_split: str  # 'test', or 'val' when data.val_split > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """What differs between datasets, so that another one is one more entry in _SPECS."""
+  title: str
+  tfds_name: str
+  splits: tuple[str, str]  # (train, eval): tfds split names and image-folder directory names
+  download_host: str  # tested before tfds tries to download, since offline retries take minutes
+  num_classes: int
+  synthetic_sizes: tuple[int, int]  # (train, eval)
+
+
+_SPECS = {
+    'cifar10': _Spec('CIFAR-10', 'cifar10', ('train', 'test'), 'www.cs.toronto.edu', 10, (50_000, 10_000)),
+}
+_FIX_OFFLINE = ('--config.data.source=image_folder --config.data.image_folder=PATH with a local copy '
+                '(a train/ and test/ tree of class folders, or a .tar.gz of one)')
+
+
+def _spec(cfg) -> _Spec:
+  if cfg.name not in _SPECS:
+    raise DataError(f'unknown dataset data.name={cfg.name!r}; use one of {sorted(_SPECS)}.')
+  if cfg.source not in _LOADERS:
+    raise DataError(f'unknown data.source={cfg.source!r}; use one of {sorted(_LOADERS)}.')
+  for field in ('val_split', 'train_limit', 'eval_limit'):
+    if int(getattr(cfg, field)) < 0:
+      raise DataError(f'data.{field}={getattr(cfg, field)} is negative; use 0 (off) or a positive count.')
+  if int(cfg.image_size) <= 0:
+    raise DataError(f'data.image_size={cfg.image_size} must be positive; use 32 for CIFAR-10.')
+  return _SPECS[cfg.name]
+
+
+def check(data_config) -> None:
+  """Fast (seconds) checks before anything heavy; raises DataError."""
+  spec = _spec(data_config)
+  if data_config.source == 'tfds':
+    _tfds_builder(spec, data_config.data_dir)
+  elif data_config.source == 'image_folder':
+    path = _folder_path(data_config)
+    if os.path.isdir(path):
+      _index(_list_dir(path, spec), path, spec)
+    elif not tarfile.is_tarfile(path):
+      raise DataError(f'data.image_folder={path} is neither a directory nor a readable .tar.gz; '
+                      'point it at a train/ and test/ tree of class folders or an archive of one.')
+
+
+def load(data_config, seed: int) -> Dataset:
+  """Loads (or decodes and caches) the images, then applies val_split, train_limit and eval_limit."""
+  spec = _spec(data_config)
+  size = int(data_config.image_size)
+  ti, tl, ei, el, num_classes = _LOADERS[data_config.source](spec, data_config, seed)
+  for name, images in (('training', ti), ('evaluation', ei)):
+    if images.shape[1:] != (size, size, 3):
+      raise DataError(f'the {name} images have shape {images.shape[1:]} but data.image_size={size}; '
+                      f'set --config.data.image_size={images.shape[1]}.')
+  eval_split = spec.splits[1]
+  if data_config.val_split:
+    k, n = int(data_config.val_split), len(tl)
+    if k >= n:
+      raise DataError(f'data.val_split={k} leaves no training images out of {n}; use fewer (paper: 5000).')
+    perm = np.random.default_rng([seed, 12345]).permutation(n)
+    val, rest = np.sort(perm[:k]), np.sort(perm[k:])
+    ti, tl, ei, el, eval_split = ti[rest], tl[rest], ti[val], tl[val], 'val'
+  if 0 < data_config.train_limit < len(tl):  # a limit at or above the size keeps everything
+    keep = np.sort(np.random.default_rng([seed, 54321]).permutation(len(tl))[:data_config.train_limit])
+    ti, tl = ti[keep], tl[keep]
+  if data_config.eval_limit:
+    ei, el = ei[:data_config.eval_limit], el[:data_config.eval_limit]
+  mean = ti.mean(axis=0, dtype=np.float64).astype(np.float32)
+  return Dataset(ti, tl.astype(np.int32), ei, el.astype(np.int32), mean, num_classes, eval_split)
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+def _tfds_builder(spec: _Spec, data_dir: str):
+  """A tfds builder that is prepared, or can be: offline download_and_prepare retries for minutes."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise DataError(f'data.source=tfds needs tensorflow_datasets, which is not installed; install it '
+                    f'(with tensorflow-cpu) or use {_FIX_OFFLINE}.') from None
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir or None)
+  if not builder.is_prepared():
+    try:
+      socket.create_connection((spec.download_host, 443), timeout=3).close()
+    except OSError:  # socket.gaierror (no DNS) and timeouts are OSErrors too
+      where = data_dir or f'{os.path.dirname(os.path.dirname(builder.data_dir))} (the tfds default)'
+      raise DataError(
+          f'{spec.title} is not in {where} and the download host {spec.download_host} cannot be reached; '
+          f'prepare it on a connected machine (tfds build {spec.tfds_name} --data_dir=DIR), copy DIR here '
+          f'and pass --config.data.data_dir=DIR, or use {_FIX_OFFLINE}.') from None
+  return builder
+
+
+def _load_tfds(spec, cfg, seed):
+  del seed
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = _tfds_builder(spec, cfg.data_dir)
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  arrays = []
+  for split in spec.splits:
+    images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
+    arrays += [np.asarray(images, np.uint8), np.asarray(labels, np.int32)]
+  return (*arrays, builder.info.features['label'].num_classes)
+
+
+def _load_synthetic(spec, cfg, seed):
+  """Random images for benchmarks: no files, the configured size, the dataset's number of classes."""
+  rng, size = np.random.default_rng(seed), int(cfg.image_size)
+  arrays = []
+  for n in spec.synthetic_sizes:
+    arrays += [rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+               rng.integers(0, spec.num_classes, n).astype(np.int32)]
+  return (*arrays, spec.num_classes)
+
+
+def _folder_path(cfg) -> str:
+  if not cfg.image_folder:
+    raise DataError('data.source=image_folder needs a path; pass --config.data.image_folder=PATH.')
+  path = os.path.abspath(os.path.expanduser(cfg.image_folder))
+  if not os.path.exists(path):
+    raise DataError(f'data.image_folder={path} does not exist; point it at a train/ and test/ tree of '
+                    'class folders or a .tar.gz of one.')
+  return path
+
+
+def _list_dir(root: str, spec: _Spec) -> dict[str, tuple[int, int]]:
+  """{'split/class/file': (size, mtime)} for every file two levels under each split folder."""
+  files = {}
+  for split in spec.splits:
+    top = os.path.join(root, split)
+    for c in os.scandir(top) if os.path.isdir(top) else []:
+      for f in os.scandir(c.path) if c.is_dir() else []:
+        st = f.stat()
+        files[f'{split}/{c.name}/{f.name}'] = (st.st_size, st.st_mtime_ns)
+  return files
+
+
+def _read_archive(path: str, spec: _Spec) -> tuple[dict[str, bytes], str]:
+  """All files of a .tar.gz in one streaming pass (3x faster than extracting 60k files) and the top
+  folder that holds the splits, if there is one."""
+  try:
+    with tarfile.open(path, 'r|*') as f:
+      files = {posixpath.normpath(m.name): f.extractfile(m).read() for m in f if m.isfile()}
+  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    raise DataError(f'cannot read the archive {path} ({e}); replace it or extract it and pass the folder.') from None
+  tops = {name.split('/', 1)[0] for name in files}
+  if len(tops) == 1 and not any(name.startswith(spec.splits[0] + '/') for name in files):
+    prefix = tops.pop() + '/'
+    return {name[len(prefix):]: data for name, data in files.items()}, prefix
+  return files, ''
+
+
+def _index(names, where: str, spec: _Spec):
+  """Classes in sorted folder-name order (as tfds) and, per split, [(name, label)] in sorted order."""
+  expected = f'{where} should hold {" and ".join(s + "/" for s in spec.splits)} with a folder of images per class'
+  parts = [name.split('/') for name in names]
+  splits = []
+  for split in spec.splits:
+    files = sorted((p[1], p[2]) for p in parts if len(p) == 3 and p[0] == split and p[2].lower().endswith(
+        _IMAGE_EXTENSIONS) and not p[1].startswith('.') and not p[2].startswith('.'))
+    if not files:
+      raise DataError(f'{where}/{split} holds no class folders with images; {expected}.')
+    splits.append(files)
+  classes = sorted({c for c, _ in splits[0]})
+  unknown = sorted({c for c, _ in splits[1]} - set(classes))
+  if unknown:
+    raise DataError(f'{where}/{spec.splits[1]} has classes {unknown} absent from {spec.splits[0]}/; {expected}.')
+  label = {c: i for i, c in enumerate(classes)}
+  return classes, [[(f'{s}/{c}/{f}', label[c]) for c, f in files] for s, files in zip(spec.splits, splits)]
+
+
+def _decode_chunk(items, size: int) -> np.ndarray:
+  """Decodes [(name, bytes or None to read the file `name`)] to uint8 RGB."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = np.empty((len(items), size, size, 3), np.uint8)
+  for i, (name, data) in enumerate(items):
+    try:
+      with Image.open(name if data is None else io.BytesIO(data)) as image:
+        if image.size != (size, size):
+          raise DataError(f'{name} is {image.size[0]}x{image.size[1]} pixels but data.image_size={size}; '
+                          'resize the images or set --config.data.image_size.')
+        out[i] = np.asarray(image.convert('RGB'))
+    except DataError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except; PIL raises many types on bad files
+      raise DataError(f'cannot decode image {name} ({e}); replace or delete the file.') from None
+  return out
+
+
+def _decode_files(items, size: int) -> np.ndarray:
+  """Decodes in worker processes when that pays, since PIL holds the GIL: 1.9x on 2 idle cores.
+
+  Only idle cores count: with another job busy, 2 workers on 2 cores were 1.4x slower than one process.
+  """
+  workers = min(len(os.sched_getaffinity(0)) - round(os.getloadavg()[0]), 16)
+  if len(items) < 5000 or workers < 2:
+    return _decode_chunk(items, size)
+  chunk = -(-len(items) // (4 * workers))
+  chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+  try:  # spawn, not fork: forking a process that runs JAX threads can deadlock
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as ex:
+      return np.concatenate(list(ex.map(_decode_chunk, chunks, itertools.repeat(size))))
+  except concurrent.futures.process.BrokenProcessPool:
+    return _decode_chunk(items, size)
+
+
+def _load_image_folder(spec, cfg, seed):
+  """Decodes a folder (or .tar.gz) once and caches the arrays, keyed by the path and every file's stat."""
+  del seed
+  path, size = _folder_path(cfg), int(cfg.image_size)
+  cache_dir = os.path.expanduser(cfg.cache_dir or '~/.cache/resnet_jax')
+  key = hashlib.sha256(f'{_FORMAT}\n{spec.tfds_name}\n{size}\n{path}\n'.encode())
+  if os.path.isdir(path):
+    files = _list_dir(path, spec)
+    classes, splits = _index(files, path, spec)
+    key.update(repr(sorted(files.items())).encode())  # names, sizes and mtimes
+  else:  # the archive's own stat stands for its files, so a cached load does not read it
+    st = os.stat(path)
+    key.update(f'{st.st_size} {st.st_mtime_ns}'.encode())
+  cache = os.path.join(cache_dir, f'{spec.tfds_name}-folder-{key.hexdigest()[:20]}.npz')
+  try:
+    with np.load(cache) as f:
+      return (f['train_images'], f['train_labels'], f['eval_images'], f['eval_labels'], len(f['classes']))
+  except Exception:  # pylint: disable=broad-except; absent or damaged: decode again
+    pass
+  if os.path.isdir(path):
+    items = [[(os.path.join(path, rel), None) for rel, _ in s] for s in splits]
+  else:
+    files, prefix = _read_archive(path, spec)
+    classes, splits = _index(files, path, spec)
+    items = [[(f'{path}:{prefix}{rel}', files[rel]) for rel, _ in s] for s in splits]
+  images = _decode_files(items[0] + items[1], size)  # one pool for both splits
+  arrays = {'train_images': images[:len(items[0])], 'eval_images': images[len(items[0]):]}
+  for name, files in zip(('train', 'eval'), splits):
+    arrays[f'{name}_labels'] = np.array([label for _, label in files], np.int32)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f'{cache}.tmp{os.getpid()}.npz'
+  np.savez(tmp, classes=np.array(classes), **arrays)
+  os.replace(tmp, cache)
+  return (arrays['train_images'], arrays['train_labels'], arrays['eval_images'], arrays['eval_labels'],
+          len(classes))
+
+
+_LOADERS = {'tfds': _load_tfds, 'image_folder': _load_image_folder, 'synthetic': _load_synthetic}
+
+# ----------------------------------------------------------------------------------------- batches
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+  """Full global batches per epoch; the remainder is dropped (a different one each epoch)."""
+  if batch_size <= 0 or num_train // batch_size == 0:
+    raise DataError(f'the global batch size {batch_size} does not fit the {num_train} training images; '
+                    'set train.batch_size between 1 and the number of training images.')
+  return num_train // batch_size
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  perm.flags.writeable = False  # shared between calls
+  return perm
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of epoch `epoch`; cached because every step of the epoch needs it."""
+  return _cached_permutation(int(seed), int(epoch), int(n))
+
+
+def _share(batch_size: int, process_index: int, process_count: int, field: str) -> slice:
+  """This process's contiguous part of a global batch."""
+  if batch_size <= 0 or batch_size % process_count:
+    raise DataError(f'the global batch size {batch_size} is not a positive multiple of the {process_count} '
+                    f'processes; set {field} to one.')
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index={process_index} is outside [0, {process_count}); pass the JAX process index.')
+  local = batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+def augmentation(seed: int, step: int, batch_size: int):
+  """Crop offsets dy, dx in [0, 2 * PAD] and flip flags for the whole global batch of `step`."""
+  rng = np.random.default_rng([int(seed), int(step), 1])
+  dy = rng.integers(0, 2 * PAD + 1, batch_size)
+  dx = rng.integers(0, 2 * PAD + 1, batch_size)
+  return dy, dx, rng.random(batch_size) < 0.5
+
+
+def preprocess_eval(images_uint8: np.ndarray, mean_image: np.ndarray) -> np.ndarray:
+  """The single original view: (x - mean) / 255, float32."""
+  return (images_uint8.astype(np.float32) - np.asarray(mean_image, np.float32)) / 255
+
+
+def _pad_crop_flip(x: np.ndarray, dy, dx, flip) -> np.ndarray:
+  """Zero-pads, crops at (dy, dx) and flips each image, as one gather over the batch (~2 ms at B=128)."""
+  b, h, w, c = x.shape
+  hp, wp = h + 2 * PAD, w + 2 * PAD
+  padded = np.zeros((b, hp, wp, c), np.float32)
+  padded[:, PAD:PAD + h, PAD:PAD + w] = x
+  rows = dy[:, None] + np.arange(h)
+  cols = dx[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))  # a flip reverses columns
+  pixel = (np.arange(b)[:, None, None] * hp + rows[:, :, None]) * wp + cols[:, None, :]
+  return np.take(padded.reshape(b * hp * wp, c), pixel.ravel(), axis=0).reshape(b, h, w, c)
+
+
+def train_batch(ds: Dataset, step: int, batch_size: int, seed: int, process_index: int = 0,
+                process_count: int = 1) -> dict:
+  """This process's share of the augmented global batch of `step`: {'image', 'label'}."""
+  spe = steps_per_epoch(len(ds.train_labels), batch_size)
+  share = _share(batch_size, process_index, process_count, 'train.batch_size')
+  epoch, i = divmod(int(step), spe)
+  index = epoch_permutation(seed, epoch, len(ds.train_labels))[i * batch_size:(i + 1) * batch_size][share]
+  dy, dx, flip = (a[share] for a in augmentation(seed, step, batch_size))
+  images = _pad_crop_flip(preprocess_eval(ds.train_images[index], ds.mean_image), dy, dx, flip)
+  return {'image': images, 'label': ds.train_labels[index].astype(np.int32)}
+
+
+def train_batches(ds: Dataset, start_step: int, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """train_batch for start_step, start_step + 1, ... forever."""
+  for step in itertools.count(start_step):
+    yield train_batch(ds, step, batch_size, seed, process_index, process_count)
+
+
+def num_eval_batches(ds: Dataset, batch_size: int) -> int:
+  if batch_size <= 0:
+    raise DataError(f'the eval batch size {batch_size} must be positive; set train.eval_batch_size.')
+  return -(-len(ds.eval_labels) // batch_size)
+
+
+def eval_batches(ds: Dataset, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+  """The eval set in order; the last global batch is zero-padded, and 'mask' is 1 for real images."""
+  share = _share(batch_size, process_index, process_count, 'train.eval_batch_size')
+  local, m = share.stop - share.start, len(ds.eval_labels)
+  for b in range(num_eval_batches(ds, batch_size)):
+    lo, hi = min(b * batch_size + share.start, m), min(b * batch_size + share.stop, m)
+    images = np.zeros((local, *ds.eval_images.shape[1:]), np.float32)
+    labels, mask = np.zeros(local, np.int32), np.zeros(local, np.float32)
+    images[:hi - lo] = preprocess_eval(ds.eval_images[lo:hi], ds.mean_image)
+    labels[:hi - lo], mask[:hi - lo] = ds.eval_labels[lo:hi], 1
+    yield {'image': images, 'label': labels, 'mask': mask}

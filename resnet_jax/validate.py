@@ -1,0 +1,44 @@
+"""Config checks that run before anything heavy is imported or compiled: one sentence per problem."""
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+SOURCES = ('tfds', 'image_folder', 'synthetic')
+DATASETS = ('cifar10',)
+
+
+def _require(ok, message):
+  if not ok:
+    raise ConfigError(message)
+
+
+def check(config, device_count=None, process_count=1):
+  """Raises ConfigError for the first invalid field (device counts checked when given; models.create checks
+  the model section)."""
+  opt, train, data = config.optimizer, config.train, config.data
+  _require(opt.learning_rate > 0, f'optimizer.learning_rate must be positive, got {opt.learning_rate}.')
+  _require(0 <= opt.momentum < 1, f'optimizer.momentum must be in [0, 1), got {opt.momentum}.')
+  _require(opt.weight_decay >= 0, f'optimizer.weight_decay must be >= 0, got {opt.weight_decay}.')
+  _require(opt.momentum_style in ('caffe', 'pytorch'),
+           f"optimizer.momentum_style must be 'caffe' or 'pytorch', got {opt.momentum_style!r}.")
+  _require(list(opt.boundaries) == sorted(opt.boundaries),
+           f'optimizer.boundaries must be increasing steps, got {tuple(opt.boundaries)}.')
+  _require(opt.warmup_learning_rate >= 0,
+           f'optimizer.warmup_learning_rate must be >= 0 (0 = no warm-up), got {opt.warmup_learning_rate}.')
+  for field in ('batch_size', 'eval_batch_size', 'num_steps', 'log_every_steps', 'eval_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints'):
+    value = train[field]
+    _require(isinstance(value, int) and value > 0, f'train.{field} must be a positive integer, got {value!r}.')
+  _require(data.source in SOURCES, f'data.source must be one of {SOURCES}, got {data.source!r}.')
+  _require(data.name in DATASETS, f'data.name must be one of {DATASETS}, got {data.name!r}.')
+  _require(data.source != 'image_folder' or data.image_folder,
+           'data.source is image_folder but data.image_folder is empty: set --config.data.image_folder=PATH.')
+  for field in ('batch_size', 'eval_batch_size'):
+    if device_count:
+      _require(train[field] % device_count == 0,
+               f'train.{field}={train[field]} is not divisible by the {device_count} devices: use a multiple '
+               f'of {device_count}.')
+    _require(train[field] % process_count == 0,
+             f'train.{field}={train[field]} is not divisible by the {process_count} processes.')

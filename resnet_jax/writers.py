@@ -1,0 +1,74 @@
+"""Where metrics go: TensorBoard (clu, when TensorFlow is importable), the console, and metrics.jsonl.
+
+clu's metric writers import TensorFlow, which the lent GPU machines do not have; without it the run logs to
+the console and metrics.jsonl only, and says so once. metrics.jsonl gets one JSON object per logged step and
+split: {"step", "split", <metrics>}, the source of the plots in experiments/.
+"""
+import json
+import os
+import time
+
+from absl import logging
+
+
+def _tensorflow_available():
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+class Writer:
+  """Writes scalars of one step and split to every sink; only the main process writes anything."""
+
+  def __init__(self, workdir, is_main=True):
+    self._is_main = is_main
+    self._tb = None
+    if not is_main:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    if _tensorflow_available():
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    else:
+      logging.warning('TensorFlow is not importable: no TensorBoard events; metrics go to the console '
+                      'and %s.', os.path.join(workdir, 'metrics.jsonl'))
+
+  def write(self, step, split, scalars):
+    if not self._is_main:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': int(step), 'split': split, **scalars, 'time': time.time()}) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.write_scalars(int(step), {f'{split}/{k}': v for k, v in scalars.items()})
+      self._tb.flush()
+    logging.info('[%d] %s %s', step, split, ', '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
+
+  def close(self):
+    if self._is_main:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+class Progress:
+  """Steps/s and ETA over each logging window (host time; the caller syncs on metrics before asking)."""
+
+  def __init__(self, start_step, num_steps, batch_size):
+    self._num_steps, self._batch_size = num_steps, batch_size
+    self.restart(start_step)
+
+  def restart(self, step):
+    """Starts a new window at `step`, leaving out the time spent since (evaluation, checkpoints)."""
+    self._last = (step, time.perf_counter())
+
+  def measure(self, step):
+    last_step, last_time = self._last
+    now = time.perf_counter()
+    self._last = (step, now)
+    rate = (step - last_step) / max(now - last_time, 1e-9)
+    return {'steps_per_sec': rate, 'images_per_sec': rate * self._batch_size,
+            'eta_min': (self._num_steps - step) / max(rate, 1e-9) / 60}

@@ -1,0 +1,164 @@
+"""The training step and optimizer against independent computations: one device, NumPy loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import default
+from resnet_jax import models, optim, parallel, train
+
+
+def tiny_config(**train_overrides):
+  config = default.get_config()
+  config.model.depth = 8
+  config.train.update(train_overrides)
+  return config
+
+
+def state_and_steps(config, mesh):
+  model = models.create(config.model, bn_axis_name=parallel.AXIS)
+  tx = optim.create(config.optimizer)
+  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  return jax.device_put(state, parallel.replicated(mesh)), train.compile_steps(config, model, tx, mesh)
+
+
+def random_batch(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+          'label': rng.integers(0, 10, size=n).astype(np.int32)}
+
+
+def test_eight_devices_equal_one_device():
+  assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
+  config = tiny_config()
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.make_mesh(devices)
+    state, (train_fn, _) = state_and_steps(config, mesh)
+    for seed in range(2):  # two steps: the second uses the first one's momentum and BN statistics
+      state, m = train_fn(state, parallel.to_global(random_batch(16, seed), mesh))
+    results.append((jax.device_get(state), jax.device_get(m.compute())))
+  (one, m1), (eight, m8) = results
+  np.testing.assert_allclose(m1['loss'], m8['loss'], atol=1e-5)
+  for a, b in zip(jax.tree.leaves((one.params, one.batch_stats)), jax.tree.leaves((eight.params, eight.batch_stats))):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(one.params), jax.tree.leaves(jax.device_get(state_and_steps(config, parallel.make_mesh(
+          jax.devices()[:1]))[0].params))))
+  assert moved > 1e-3  # the comparison is not vacuous: the params did change
+
+
+def test_sync_bn_uses_the_global_batch():
+  """Per-device halves with different statistics: sync BN must normalise with the global ones."""
+  config = tiny_config()
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  model = models.create(config.model, bn_axis_name=parallel.AXIS)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  batch = random_batch(8)['image']
+  batch[4:] += 3.0  # the second device's share has a different mean
+  apply = lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[1]['batch_stats']
+  mapped = parallel.map_step(apply, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P())
+  stats = mapped(variables, parallel.to_global(batch, mesh))
+  plain_model = models.create(config.model)
+  expected = plain_model.apply(variables, batch, train=True, mutable=['batch_stats'])[1]['batch_stats']
+  np.testing.assert_allclose(stats['stem_bn']['mean'], expected['stem_bn']['mean'], atol=1e-5)
+  np.testing.assert_allclose(stats['stem_bn']['var'], expected['stem_bn']['var'], rtol=1e-4)
+
+
+def test_schedule_at_every_boundary():
+  opt = default.get_config().optimizer  # lr 0.1, /10 at 32k and 48k
+  for step, expected in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)]:
+    assert float(optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True))) == pytest.approx(expected)
+  opt.warmup_learning_rate = 0.01
+  assert float(optim.learning_rate(opt, jnp.asarray(5), jnp.asarray(False))) == pytest.approx(0.01)
+  assert not bool(optim.initial_warmup_done(opt))
+  assert bool(optim.initial_warmup_done(default.get_config().optimizer))  # no warm-up configured
+
+
+def test_warmup_rule():
+  opt = default.get_config().optimizer
+  opt.warmup_error, opt.warmup_max_steps = 0.8, 100
+  done = lambda step, error, d=False: bool(optim.warmup_done_after(opt, jnp.asarray(step), jnp.asarray(d), error))
+  assert not done(0, 0.85)
+  assert done(0, 0.79)
+  assert done(99, 0.95)  # the cap
+  assert done(5, 0.95, d=True)  # once switched, it stays switched
+
+
+@pytest.mark.parametrize('threshold,cap,switch_after', [(1.01, 100, 1), (0.0, 3, 3)])
+def test_warmup_switch_in_the_train_step(threshold, cap, switch_after):
+  config = tiny_config()
+  config.optimizer.update(warmup_learning_rate=0.01, warmup_error=threshold, warmup_max_steps=cap)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state, (train_fn, _) = state_and_steps(config, mesh)
+  lrs = []
+  for step in range(4):
+    state, _ = train_fn(state, parallel.to_global(random_batch(8, step), mesh))
+    lrs.append(float(optim.current_learning_rate(state.opt_state)))
+  assert lrs == pytest.approx([0.01] * switch_after + [0.1] * (4 - switch_after))
+
+
+@pytest.mark.parametrize('style', ['caffe', 'pytorch'])
+def test_momentum_styles_against_numpy_across_an_lr_drop(style):
+  opt = default.get_config().optimizer
+  opt.update(momentum_style=style, boundaries=(3,), decay=0.1, weight_decay=1e-2, momentum=0.9)
+  tx = optim.create(opt)
+  rng = np.random.default_rng(0)
+  params = {'conv': {'kernel': rng.normal(size=(3, 3)).astype(np.float32)},
+            'bn': {'scale': rng.normal(size=(3,)).astype(np.float32)}}
+  state = tx.init(params)
+  w = {k: v.copy() for k, v in (('kernel', params['conv']['kernel']), ('scale', params['bn']['scale']))}
+  v = {k: np.zeros_like(x) for k, x in w.items()}
+  for step in range(6):
+    grads = {'conv': {'kernel': rng.normal(size=(3, 3)).astype(np.float32)},
+             'bn': {'scale': rng.normal(size=(3,)).astype(np.float32)}}
+    lr = float(optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True)))
+    state = optim.set_learning_rate(state, lr)
+    updates, state = tx.update(grads, state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    for k, g in (('kernel', grads['conv']['kernel']), ('scale', grads['bn']['scale'])):
+      g = g + (opt.weight_decay * w[k] if k == 'kernel' else 0)  # decay on kernels only
+      if style == 'caffe':
+        v[k] = opt.momentum * v[k] + lr * g
+        w[k] = w[k] - v[k]
+      else:
+        v[k] = opt.momentum * v[k] + g
+        w[k] = w[k] - lr * v[k]
+  np.testing.assert_allclose(params['conv']['kernel'], w['kernel'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(params['bn']['scale'], w['scale'], rtol=1e-5, atol=1e-6)
+
+
+def test_the_two_momentum_styles_differ_only_after_the_drop():
+  def run(style, steps):
+    opt = default.get_config().optimizer
+    opt.update(momentum_style=style, boundaries=(3,), weight_decay=0.0)
+    tx = optim.create(opt)
+    params, state = {'kernel': jnp.ones(2)}, None
+    state = tx.init(params)
+    for step in range(steps):
+      state = optim.set_learning_rate(state, optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True)))
+      updates, state = tx.update({'kernel': jnp.ones(2)}, state, params)
+      params = jax.tree.map(lambda p, u: p + u, params, updates)
+    return np.asarray(params['kernel'])
+  np.testing.assert_allclose(run('caffe', 3), run('pytorch', 3), rtol=1e-6)
+  assert np.abs(run('caffe', 5) - run('pytorch', 5)).max() > 1e-3
+
+
+def test_eval_step_counts_only_unmasked_examples():
+  config = tiny_config()
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  state, (_, eval_fn) = state_and_steps(config, mesh)
+  batch = random_batch(8)
+  mask = np.array([1, 1, 1, 0, 1, 0, 0, 1], np.float32)
+  m = eval_fn(state, parallel.to_global({**batch, 'mask': mask}, mesh)).compute()
+  model = models.create(config.model)
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+  keep = mask == 1
+  loss = np.asarray(train.cross_entropy(logits, batch['label']))[keep].mean()
+  error = (np.argmax(logits, -1) != batch['label'])[keep].mean()
+  assert float(m['loss']) == pytest.approx(loss, rel=1e-5)
+  assert float(m['error']) == pytest.approx(error)
+
+
