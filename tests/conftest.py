@@ -39,3 +39,9 @@ def cifar_folder(tmp_path_factory):
 def imagenet_sample_folder(tmp_path_factory):
   """The 100-image ImageNet sample: <dir>/val/<wnid>/*.JPEG."""
   return _extract(tmp_path_factory, 'imagenet-sample-100.tar.gz', 'imagenet-sample')
+
+
+@pytest.fixture(scope='session')
+def cifar_cache_dir(tmp_path_factory):
+  """One decoded-array cache for every test that loads the real CIFAR copy: decoded once per session."""
+  return tmp_path_factory.getbasetemp() / 'cifar-cache'

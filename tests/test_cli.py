@@ -81,10 +81,10 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
   assert [r['step'] for r in started if r['split'] == 'train'] == [2, 3, 4, 6]  # 3 = the first run's end
 
 
-def test_cli_run_on_real_cifar_writes_everything(tmp_path, cifar_folder):
+def test_cli_run_on_real_cifar_writes_everything(tmp_path, cifar_folder, cifar_cache_dir):
   workdir = tmp_path / 'run'
   config = small_run(data__source='image_folder', data__image_folder=str(cifar_folder),
-                     data__cache_dir=str(cifar_folder.parent / 'cache'), train__num_steps=4,
+                     data__cache_dir=str(cifar_cache_dir), train__num_steps=4,
                      train__checkpoint_every_steps=2, train__eval_every_steps=2)
   run_cli(workdir, *as_flags(config))
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['2', '4']
@@ -98,10 +98,10 @@ def test_cli_run_on_real_cifar_writes_everything(tmp_path, cifar_folder):
   assert results['config'] == 'cifar10_20' and results['versions']['jax'] and results['device_kind']
 
 
-def test_learns_real_cifar(tmp_path, cifar_folder):
+def test_learns_real_cifar(tmp_path, cifar_folder, cifar_cache_dir):
   """2,000 real training images: at most 200 steps bring the training loss well under ln 10 = 2.30."""
   config = small_run(data__source='image_folder', data__image_folder=str(cifar_folder),
-                     data__cache_dir=str(cifar_folder.parent / 'cache'), data__train_limit=2000,
+                     data__cache_dir=str(cifar_cache_dir), data__train_limit=2000,
                      train__batch_size=128, train__num_steps=200, train__log_every_steps=1,
                      train__eval_every_steps=200, train__checkpoint_every_steps=200)
   train.train_and_evaluate(config, str(tmp_path))

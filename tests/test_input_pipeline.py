@@ -341,9 +341,8 @@ else:
   subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True, timeout=60)
 
 
-def test_real_cifar10_folder(cifar_folder, tmp_path_factory):
-  cfg = _config(source='image_folder', image_folder=str(cifar_folder),
-                cache_dir=str(tmp_path_factory.mktemp('cifar_cache')))
+def test_real_cifar10_folder(cifar_folder, cifar_cache_dir):
+  cfg = _config(source='image_folder', image_folder=str(cifar_folder), cache_dir=str(cifar_cache_dir))
   ds = ip.load(cfg, seed=0)
   assert ds.train_images.shape == (50_000, 32, 32, 3) and ds.train_images.dtype == np.uint8
   assert ds.eval_images.shape == (10_000, 32, 32, 3) and ds.eval_split == 'test'
