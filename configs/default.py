@@ -43,6 +43,7 @@ def get_config():
   config.train.eval_every_steps = 2_000
   config.train.checkpoint_every_steps = 2_000
   config.train.keep_checkpoints = 3
+  config.train.on_nonfinite = 'stop'  # a non-finite loss: 'stop' (naming the step) | 'skip' the step's update
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 0.1

@@ -28,6 +28,44 @@ def _quiet_orbax():
       lambda r: r.levelno >= logging.converter.STANDARD_WARNING or 'orbax' not in r.pathname)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with config-file and override mistakes reported in one line instead of a traceback."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if path and not os.path.isfile(path):
+    fail(f'the config file {path} does not exist: pass one of the files in configs/, e.g. '
+         '--config=configs/cifar10_20.py.')
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(f'{e}.')
+  except Exception as e:  # pylint: disable=broad-except  # config_flags raises many kinds
+    unknown = _unknown_override(path, argv)
+    if unknown:
+      fail(f'{unknown} is not a field of the config {path}: see the fields in configs/default.py.')
+    fail(f'cannot load the config {path}: {type(e).__name__}: {str(e).splitlines()[0]}')
+
+
+def _unknown_override(path, argv):
+  """The first --config.a.b=... whose field does not exist in the config file, if any."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  try:
+    spec = importlib.util.spec_from_file_location('config_module', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    if arg.startswith('--config.'):
+      name = arg[len('--'):].split('=', 1)[0]
+      node = config
+      for part in name.split('.')[1:]:
+        if not hasattr(node, 'keys') or part not in node:
+          return f'--{name}'
+        node = node[part]
+  return None
+
+
 def main(argv):
   _quiet_orbax()
   if len(argv) > 1:
@@ -37,8 +75,10 @@ def main(argv):
     validate.check(config)
   except validate.ConfigError as e:
     fail(str(e))
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    fail(f'the workdir {FLAGS.workdir} is a file: choose a directory path for --workdir.')
   import jax  # pylint: disable=g-import-not-at-top  # after the cheap checks
-  from resnet_jax import input_pipeline, models, train  # pylint: disable=g-import-not-at-top
+  from resnet_jax import checkpointing, input_pipeline, models, train  # pylint: disable=g-import-not-at-top
   try:
     validate.check(config, jax.device_count(), jax.process_count())
     models.create(config.model)
@@ -52,9 +92,12 @@ def main(argv):
   logging.info('JAX devices: %s', jax.devices())
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
-  except input_pipeline.DataError as e:  # e.g. an unreadable image, found when the data is read
-    fail(str(e))
+  except (input_pipeline.DataError, checkpointing.CheckpointMismatch, train.Diverged) as e:
+    fail(str(e))  # an unreadable image is found when the data is read; the others when training starts
+  except train.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -23,7 +23,7 @@ from absl import logging
 from clu import metrics
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import input_pipeline, models, optim, parallel, writers
+from resnet_jax import checkpointing, input_pipeline, models, optim, parallel, writers
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -32,6 +32,20 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   warmup_done: jax.Array  # the lr warm-up's data-dependent switch (ResNet-110)
+  nonfinite_steps: jax.Array  # steps whose loss, gradients or new params were not finite
+  first_nonfinite: jax.Array  # the first such step's index, -1 while there is none
+
+
+class Diverged(RuntimeError):
+  """The loss became non-finite and config.train.on_nonfinite is 'stop'."""
+
+
+class Preempted(RuntimeError):
+  """A termination signal arrived; the state of `step` is saved."""
+
+  def __init__(self, message, signum):
+    super().__init__(message)
+    self.signum = signum
 
 
 @flax.struct.dataclass
@@ -48,15 +62,24 @@ def create_train_state(config, model, tx, rng) -> TrainState:
   variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(params), warmup_done=optim.initial_warmup_done(config.optimizer))
+                    opt_state=tx.init(params), warmup_done=optim.initial_warmup_done(config.optimizer),
+                    nonfinite_steps=jnp.zeros((), jnp.int32), first_nonfinite=-jnp.ones((), jnp.int32))
 
 
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state, batch, *, model, tx, opt_config):
-  """One SGD step on this device's share of the global batch."""
+def _all_finite(*trees):
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
+
+
+def train_step(state, batch, *, model, tx, opt_config, skip_nonfinite=False):
+  """One SGD step on this device's share of the global batch.
+
+  A step whose loss, gradients or new params are not finite is counted; with `skip_nonfinite` its update
+  is also dropped (the state stays as it was but for the step and the counters).
+  """
   lr = optim.learning_rate(opt_config, state.step, state.warmup_done)
 
   def loss_fn(params):
@@ -69,9 +92,15 @@ def train_step(state, batch, *, model, tx, opt_config):
   error = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) != batch['label']), parallel.AXIS)
   opt_state = optim.set_learning_rate(state.opt_state, lr)
   updates, opt_state = tx.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = _all_finite(loss, grads, params, batch_stats)
+  new = dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
+             warmup_done=optim.warmup_done_after(opt_config, state.step, state.warmup_done, error))
+  if skip_nonfinite:
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: getattr(state, k) for k in new})
   new_state = state.replace(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
-      opt_state=opt_state, warmup_done=optim.warmup_done_after(opt_config, state.step, state.warmup_done, error))
+      step=state.step + 1, nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite), **new)
   return new_state, TrainMetrics.single_from_model_output(loss=loss, error=error)
 
 
@@ -87,7 +116,8 @@ def eval_step(state, batch, *, model):
 def compile_steps(config, model, tx, mesh):
   """The jitted, mapped steps. `model` must have been built with bn_axis_name=parallel.AXIS."""
   train = parallel.map_step(
-      lambda s, b: train_step(s, b, model=model, tx=tx, opt_config=config.optimizer), mesh,
+      lambda s, b: train_step(s, b, model=model, tx=tx, opt_config=config.optimizer,
+                              skip_nonfinite=config.train.on_nonfinite == 'skip'), mesh,
       in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=0)
   evaluate = parallel.map_step(lambda s, b: eval_step(s, b, model=model), mesh,
                                in_specs=(P(), P(parallel.AXIS)), out_specs=P())
@@ -103,22 +133,6 @@ def evaluate(eval_fn, state, ds, config, mesh):
   return {k: float(v) for k, v in total.compute().items()}
 
 
-def checkpoint_manager(workdir, config):
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options)
-
-
-def restore_or_init(manager, state, mesh):
-  """The latest checkpoint if the workdir has one (the data position is its step), else `state`."""
-  state = jax.device_put(state, parallel.replicated(mesh))
-  step = manager.latest_step()
-  if step is None:
-    return state
-  logging.info('Resuming from the checkpoint of step %d in %s.', step, manager.directory)
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(target))
-
-
 def provenance():
   """What produced a result: commit, library versions, devices."""
   try:
@@ -132,17 +146,29 @@ def provenance():
           'process_count': jax.process_count(), 'platform': jax.default_backend()}
 
 
+def _check_finite(state, config, manager, workdir):
+  """Stops before a non-finite state can be logged as progress or saved (on_nonfinite='stop')."""
+  if config.train.on_nonfinite == 'stop' and int(state.nonfinite_steps) > 0:
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    where = f'the last good checkpoint is step {last} in {manager.directory}' if last is not None else (
+        'no checkpoint was written before it')
+    raise Diverged(f'the loss became non-finite at step {int(state.first_nonfinite) + 1}; {where}; lower '
+                   f'optimizer.learning_rate, or set train.on_nonfinite=skip to skip such steps.')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   start_time = time.time()
+  os.makedirs(workdir, exist_ok=True)
   ds = input_pipeline.load(config.data, config.seed)
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   tx = optim.create(config.optimizer)
-  manager = checkpoint_manager(workdir, config)
-  state = restore_or_init(manager, create_train_state(config, model, tx, jax.random.key(config.seed)), mesh)
+  manager, state = checkpointing.restore_or_init(
+      workdir, config.train.keep_checkpoints, create_train_state(config, model, tx, jax.random.key(config.seed)),
+      mesh)
   start_step, num_steps = int(state.step), config.train.num_steps
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -154,28 +180,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       mesh, config.data.prefetch)
   logging.info('Training %s from step %d to %d on %d devices.', config.name, start_step, num_steps,
                jax.device_count())
+
+  def save(step):
+    _check_finite(state, config, manager, workdir)
+    manager.save(step, args=ocp.args.StandardSave(state))
+
   train_metrics, eval_results = None, None
-  for step in range(start_step + 1, num_steps + 1):
-    state, m = train_fn(state, next(batches))
-    train_metrics = m if train_metrics is None else train_metrics.merge(m)
-    if step % config.train.log_every_steps == 0 or step == num_steps:
-      scalars = {k: float(v) for k, v in train_metrics.compute().items()}
-      lr = float(optim.current_learning_rate(state.opt_state))
-      writer.write(step, 'train', {**scalars, 'lr': lr, **progress.measure(step)})
-      train_metrics = None
-    if step % config.train.eval_every_steps == 0 or step == num_steps:
-      eval_results = evaluate(eval_fn, state, ds, config, mesh)
-      writer.write(step, ds.eval_split, eval_results)
-    if step % config.train.checkpoint_every_steps == 0 or step == num_steps:
-      manager.save(step, args=ocp.args.StandardSave(state))
-    if step % config.train.log_every_steps == 0:
-      progress.restart(step)
+  with checkpointing.PreemptionHandler() as preemption:
+    for step in range(start_step + 1, num_steps + 1):
+      state, m = train_fn(state, next(batches))
+      train_metrics = m if train_metrics is None else train_metrics.merge(m)
+      if step % config.train.log_every_steps == 0 or step == num_steps:
+        _check_finite(state, config, manager, workdir)
+        scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+        scalars.update(lr=float(optim.current_learning_rate(state.opt_state)), **progress.measure(step))
+        if config.train.on_nonfinite == 'skip':
+          scalars['skipped_steps'] = int(state.nonfinite_steps)
+        writer.write(step, 'train', scalars)
+        train_metrics = None
+      if step % config.train.eval_every_steps == 0 or step == num_steps:
+        eval_results = evaluate(eval_fn, state, ds, config, mesh)
+        writer.write(step, ds.eval_split, eval_results)
+      saved = step % config.train.checkpoint_every_steps == 0 or step == num_steps
+      if saved:
+        save(step)
+      if preemption.requested(manager, step):
+        if not saved:
+          save(step)
+        manager.wait_until_finished()
+        writer.close()
+        raise Preempted(f'stopped by a signal after step {step}; its checkpoint is in {manager.directory}: rerun '
+                        'the same command to continue.', preemption.signal)
+      if step % config.train.log_every_steps == 0:
+        progress.restart(step)
   manager.wait_until_finished()
   if eval_results is None:  # nothing left to train: report the restored state
     eval_results = evaluate(eval_fn, state, ds, config, mesh)
   results = {'config': config.name, f'{ds.eval_split}_error': eval_results['error'],
              f'{ds.eval_split}_loss': eval_results['loss'], 'steps': int(state.step),
-             'wall_time_s': time.time() - start_time, 'start_step': start_step, **provenance()}
+             'wall_time_s': time.time() - start_time, 'start_step': start_step,
+             'nonfinite_steps': int(state.nonfinite_steps), **provenance()}
   if is_main:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)

@@ -31,6 +31,8 @@ def check(config, device_count=None, process_count=1):
                 'checkpoint_every_steps', 'keep_checkpoints'):
     value = train[field]
     _require(isinstance(value, int) and value > 0, f'train.{field} must be a positive integer, got {value!r}.')
+  _require(train.on_nonfinite in ('stop', 'skip'),
+           f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}.")
   _require(data.source in SOURCES, f'data.source must be one of {SOURCES}, got {data.source!r}.')
   _require(data.name in DATASETS, f'data.name must be one of {DATASETS}, got {data.name!r}.')
   _require(data.source != 'image_folder' or data.image_folder,
