@@ -23,11 +23,14 @@ class CheckpointMismatch(ValueError):
 
 def manager(workdir, keep):
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _shapes(tree):
-  return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{'params/stage1_block1/conv1/kernel': shape}: attribute, dict and index keys alike, as orbax lists them."""
+  name = lambda k: str(getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k))))
+  return {'/'.join(map(name, path)): tuple(v.shape) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_matches(mngr, step, target, workdir):

@@ -77,6 +77,10 @@ def main(argv):
     fail(str(e))
   if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
     fail(f'the workdir {FLAGS.workdir} is a file: choose a directory path for --workdir.')
+  try:
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+  except OSError as e:
+    fail(f'cannot create the workdir {FLAGS.workdir} ({e.strerror}): choose a writable path for --workdir.')
   import jax  # pylint: disable=g-import-not-at-top  # after the cheap checks
   from resnet_jax import checkpointing, input_pipeline, models, train  # pylint: disable=g-import-not-at-top
   try:
@@ -85,10 +89,6 @@ def main(argv):
     input_pipeline.check(config.data)
   except (validate.ConfigError, input_pipeline.DataError, ValueError) as e:
     fail(str(e))
-  try:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-  except OSError as e:
-    fail(f'cannot create the workdir {FLAGS.workdir} ({e.strerror}): choose a writable path for --workdir.')
   logging.info('JAX devices: %s', jax.devices())
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
