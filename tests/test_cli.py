@@ -3,9 +3,12 @@
 (Resuming, interruptions and bad input are tested in test_reliability.py.)
 """
 import json
+import subprocess
+import sys
 
 import numpy as np
 
+from conftest import REPO
 from helpers import as_flags, checkpoint_steps, run_cli, small_run
 from resnet_jax import train
 
@@ -39,3 +42,21 @@ def test_learns_real_cifar(tmp_path, cifar_folder, cifar_cache_dir):
   assert len(losses) == 200
   assert np.mean(losses[-20:]) <= 1.7, np.mean(losses[-20:])
 
+
+
+def test_trains_without_tensorflow(tmp_path):
+  """The lent GPU machines have no TensorFlow: the model, the step and the writers must do without it."""
+  code = f"""
+import sys
+sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None  # any import of them fails
+sys.path.insert(0, 'tests')
+from helpers import small_run
+from resnet_jax import train
+train.train_and_evaluate(small_run(train__num_steps=2, train__eval_every_steps=2), {str(tmp_path)!r})
+assert sys.modules['tensorflow'] is None
+"""
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'TensorFlow is not importable' in result.stderr
+  assert (tmp_path / 'metrics.jsonl').exists() and (tmp_path / 'results.json').exists()
+  assert not (tmp_path / 'tensorboard').exists()
