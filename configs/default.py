@@ -22,6 +22,9 @@ def get_config():
   config.model.stride_on_3x3 = False  # True: "v1.5" bottleneck; the paper strides the first 1x1
   config.model.init_mode = 'fan_in'  # He init over 'fan_in' (the paper) or 'fan_out'
   config.model.zero_init_last_bn = False  # not in the paper
+  # BN statistics over groups of this many examples (the paper's per-GPU BN: 64 for CIFAR, 32 for
+  # ImageNet); 0 = over the global batch, synchronised across devices (this codebase's default).
+  config.model.bn_group_size = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'
@@ -43,13 +46,17 @@ def get_config():
   config.train.eval_every_steps = 2_000
   config.train.checkpoint_every_steps = 2_000
   config.train.keep_checkpoints = 3
+  # The released models' BN statistics: exact averages over this many training images after training.
+  config.train.recompute_bn_stats = False
+  config.train.bn_stats_images = 10_000
   config.train.on_nonfinite = 'stop'  # a non-finite loss: 'stop' (naming the step) | 'skip' the step's update
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 0.1
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 1e-4
-  config.optimizer.momentum_style = 'caffe'  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g
+  config.optimizer.momentum_style = 'caffe'  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g, w -= lr*v
+  #                                            | 'dampened': v = m*v + (1-m)*lr*g
   config.optimizer.boundaries = (32_000, 48_000)  # iterations where the lr is multiplied by decay
   config.optimizer.decay = 0.1
   # ResNet-110's warm-up: warmup_learning_rate until the training error of a step's batch falls

@@ -8,6 +8,7 @@ import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 PAD3 = ((1, 1), (1, 1))  # 3x3 convs: 1 pixel each side
@@ -19,6 +20,62 @@ IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck), Table 1
     101: ((3, 4, 23, 3), True),
     152: ((3, 8, 36, 3), True),
 }
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with flax's variables (scale, bias; mean, var) and two additions the paper needs.
+
+  - `group_size=k`: statistics over groups of k examples within each device's share ("ghost" BN), the
+    paper's per-GPU BN (64 images on each of 2 GPUs for CIFAR, 32 on each of 8 for ImageNet), whatever
+    the number of devices; None normalises over the whole batch, synchronised over `axis_name`.
+  - In train mode it sows the batch moments (mean, mean of squares) over the whole batch into the
+    'bn_moments' collection, so bn_stats.py can recompute exact population statistics after training.
+  """
+  use_running_average: bool
+  axis_name: Optional[str] = None
+  group_size: Optional[int] = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scale_init: Any = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    scale = self.param('scale', self.scale_init, (features,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      moments = (xf.mean(axes), jnp.square(xf).mean(axes))
+      if self.axis_name is not None and not self.is_initializing():
+        moments = jax.lax.pmean(moments, self.axis_name)
+      self.sow('bn_moments', 'moments', moments)
+      if self.group_size:
+        if x.shape[0] % self.group_size:
+          raise ValueError(f'model.bn_group_size={self.group_size} does not divide the {x.shape[0]} examples '
+                           'each device gets: use a divisor of the per-device batch.')
+        groups = xf.reshape(-1, self.group_size, *x.shape[1:])
+        group_axes = tuple(range(1, groups.ndim - 1))
+        mean = groups.mean(group_axes, keepdims=True)
+        var = jnp.maximum(jnp.square(groups).mean(group_axes, keepdims=True) - jnp.square(mean), 0)
+        batch_mean, batch_var = mean.mean(axis=0).reshape(features), var.mean(axis=0).reshape(features)
+        if self.axis_name is not None and not self.is_initializing():  # average the groups of every device
+          batch_mean, batch_var = jax.lax.pmean((batch_mean, batch_var), self.axis_name)
+        xf = groups
+      else:
+        mean = batch_mean = moments[0]
+        var = batch_var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * batch_mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * batch_var
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 class Shortcut(nn.Module):
@@ -117,13 +174,15 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None  # 'batch' inside the data-parallel step: sync BN
+  bn_group_size: Optional[int] = None  # examples per BN group; None: the global batch
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     he = nn.initializers.variance_scaling(2.0, self.init_mode, 'normal')
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name,
+                             group_size=self.bn_group_size)
     x = x.astype(self.dtype)
     if self.stem == 'cifar':
       x = nn.relu(norm(name='stem_bn')(conv(self.widths[0], (3, 3), padding=PAD3, name='stem_conv')(x)))
@@ -162,4 +221,5 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
       num_classes=model_config.num_classes, residual=model_config.residual, shortcut=shortcut,
       stride_on_3x3=model_config.stride_on_3x3, init_mode=model_config.init_mode,
       zero_init_last_bn=model_config.zero_init_last_bn, dtype=jnp.dtype(model_config.dtype),
-      param_dtype=jnp.dtype(model_config.param_dtype), bn_axis_name=bn_axis_name)
+      param_dtype=jnp.dtype(model_config.param_dtype), bn_axis_name=bn_axis_name,
+      bn_group_size=model_config.get('bn_group_size') or None)

@@ -1,13 +1,15 @@
 """SGD as the paper ran it: Caffe momentum, L2 weight decay on kernels, a step schedule and the lr warm-up.
 
 Caffe updates v = m*v + lr*g, w -= v; PyTorch and optax update v = m*v + g, w -= lr*v. The two agree while
-the lr is constant and differ after a drop: Caffe's velocity still carries the old lr for a while.
+the lr is constant and differ after a drop: Caffe's velocity still carries the old lr for a while. The
+'dampened' form v = m*v + (1-m)*lr*g, which the released models' notes warn about, scales the effective lr
+by (1-m).
 """
 import flax
 import jax.numpy as jnp
 import optax
 
-MOMENTUM_STYLES = ('caffe', 'pytorch')
+MOMENTUM_STYLES = ('caffe', 'pytorch', 'dampened')
 
 
 def decay_mask(params):
@@ -25,6 +27,9 @@ def create(opt_config) -> optax.GradientTransformation:
     decay = optax.add_decayed_weights(opt_config.weight_decay, mask=decay_mask)  # Caffe's L2, before momentum
     if opt_config.momentum_style == 'caffe':
       return optax.chain(decay, optax.scale(learning_rate), optax.trace(opt_config.momentum), optax.scale(-1.0))
+    if opt_config.momentum_style == 'dampened':  # v = m*v + (1-m)*lr*g: an lr (1-m) times smaller
+      return optax.chain(decay, optax.scale(learning_rate), optax.ema(opt_config.momentum, debias=False),
+                         optax.scale(-1.0))
     return optax.chain(decay, optax.trace(opt_config.momentum), optax.scale(-learning_rate))
 
   return optax.inject_hyperparams(sgd)(learning_rate=opt_config.learning_rate)

@@ -23,7 +23,7 @@ from absl import logging
 from clu import metrics
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import checkpointing, input_pipeline, models, optim, parallel, writers
+from resnet_jax import bn_stats, checkpointing, input_pipeline, models, optim, parallel, writers
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -157,18 +157,40 @@ def _check_finite(state, config, manager, workdir):
                    f'optimizer.learning_rate, or set train.on_nonfinite=skip to skip such steps.')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict."""
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  is_main = jax.process_index() == 0
-  start_time = time.time()
-  os.makedirs(workdir, exist_ok=True)
+def _setup(config, workdir, mesh):
+  """Data, model, optimizer, and the state restored from `workdir` (or fresh)."""
   ds = input_pipeline.load(config.data, config.seed)
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   tx = optim.create(config.optimizer)
   manager, state = checkpointing.restore_or_init(
       workdir, config.train.keep_checkpoints, create_train_state(config, model, tx, jax.random.key(config.seed)),
       mesh)
+  return ds, model, tx, manager, state
+
+
+def _recompute_bn(state, ds, model, config, mesh, num_images):
+  batches = parallel.prefetch(bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch)
+  return state.replace(batch_stats=bn_stats.recompute(model, state.params, state.batch_stats, batches, mesh))
+
+
+def recalibrate_checkpoint(config, workdir, num_images, mesh=None):
+  """(eval before, eval after, state, ds, mesh) for exact BN statistics on the latest checkpoint."""
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  ds, model, tx, manager, state = _setup(config, workdir, mesh)
+  manager.close()
+  _, eval_fn = compile_steps(config, model, tx, mesh)
+  before = evaluate(eval_fn, state, ds, config, mesh)
+  state = _recompute_bn(state, ds, model, config, mesh, num_images)
+  return before, evaluate(eval_fn, state, ds, config, mesh), state, ds, mesh
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict."""
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  is_main = jax.process_index() == 0
+  start_time = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  ds, model, tx, manager, state = _setup(config, workdir, mesh)
   start_step, num_steps = int(state.step), config.train.num_steps
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -185,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     _check_finite(state, config, manager, workdir)
     manager.save(step, args=ocp.args.StandardSave(state))
 
-  train_metrics, eval_results = None, None
+  train_metrics, eval_results, moving_average_results = None, None, None
   with checkpointing.PreemptionHandler() as preemption:
     for step in range(start_step + 1, num_steps + 1):
       state, m = train_fn(state, next(batches))
@@ -198,6 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
           scalars['skipped_steps'] = int(state.nonfinite_steps)
         writer.write(step, 'train', scalars)
         train_metrics = None
+      if step == num_steps and config.train.recompute_bn_stats:  # the released models' exact statistics
+        moving_average_results = evaluate(eval_fn, state, ds, config, mesh)
+        state = _recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
       if step % config.train.eval_every_steps == 0 or step == num_steps:
         eval_results = evaluate(eval_fn, state, ds, config, mesh)
         writer.write(step, ds.eval_split, eval_results)
@@ -220,6 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
              f'{ds.eval_split}_loss': eval_results['loss'], 'steps': int(state.step),
              'wall_time_s': time.time() - start_time, 'start_step': start_step,
              'nonfinite_steps': int(state.nonfinite_steps), **provenance()}
+  if moving_average_results:
+    results[f'{ds.eval_split}_error_moving_average_bn'] = moving_average_results['error']
   if is_main:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)

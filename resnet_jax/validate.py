@@ -21,8 +21,8 @@ def check(config, device_count=None, process_count=1):
   _require(opt.learning_rate > 0, f'optimizer.learning_rate must be positive, got {opt.learning_rate}.')
   _require(0 <= opt.momentum < 1, f'optimizer.momentum must be in [0, 1), got {opt.momentum}.')
   _require(opt.weight_decay >= 0, f'optimizer.weight_decay must be >= 0, got {opt.weight_decay}.')
-  _require(opt.momentum_style in ('caffe', 'pytorch'),
-           f"optimizer.momentum_style must be 'caffe' or 'pytorch', got {opt.momentum_style!r}.")
+  _require(opt.momentum_style in ('caffe', 'pytorch', 'dampened'),
+           f"optimizer.momentum_style must be 'caffe', 'pytorch' or 'dampened', got {opt.momentum_style!r}.")
   _require(list(opt.boundaries) == sorted(opt.boundaries),
            f'optimizer.boundaries must be increasing steps, got {tuple(opt.boundaries)}.')
   _require(opt.warmup_learning_rate >= 0,
@@ -37,6 +37,14 @@ def check(config, device_count=None, process_count=1):
   _require(data.name in DATASETS, f'data.name must be one of {DATASETS}, got {data.name!r}.')
   _require(data.source != 'image_folder' or data.image_folder,
            'data.source is image_folder but data.image_folder is empty: set --config.data.image_folder=PATH.')
+  group = config.model.get('bn_group_size') or 0
+  _require(isinstance(group, int) and group >= 0,
+           f'model.bn_group_size must be 0 (the global batch) or a positive group size, got {group!r}.')
+  if group and device_count:
+    per_device = train.batch_size // device_count
+    _require(per_device % group == 0,
+             f'model.bn_group_size={group} does not divide the {per_device} examples each of the {device_count} '
+             f'devices gets (train.batch_size={train.batch_size}): use a divisor of {per_device}.')
   for field in ('batch_size', 'eval_batch_size'):
     if device_count:
       _require(train[field] % device_count == 0,

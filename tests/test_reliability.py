@@ -180,7 +180,7 @@ BAD_INPUTS = [  # (id, flags, what the one line must say); {tmp} is the test's t
     ('negative lr', ['--config.optimizer.learning_rate=-0.1'], 'optimizer.learning_rate must be positive, got -0.1'),
     ('zero lr', ['--config.optimizer.learning_rate=0'], 'optimizer.learning_rate must be positive, got 0'),
     ('momentum', ['--config.optimizer.momentum=1.5'], 'optimizer.momentum must be in [0, 1), got 1.5'),
-    ('momentum style', ['--config.optimizer.momentum_style=nesterov'], "momentum_style must be 'caffe' or 'pytorch'"),
+    ('momentum style', ['--config.optimizer.momentum_style=nesterov'], "momentum_style must be 'caffe', 'pytorch' or 'dampened'"),
     ('batch vs devices', ['--config.train.batch_size=100'], 'train.batch_size=100 is not divisible by the 8 devices'),
     ('num_steps 0', ['--config.train.num_steps=0'], 'train.num_steps must be a positive integer, got 0'),
     ('depth', ['--config.model.depth=21'], 'CIFAR ResNet depth must be 6n+2, got 21'),

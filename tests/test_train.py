@@ -1,5 +1,5 @@
 """The training step and optimizer against independent computations: one device, NumPy loops."""
-
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +100,7 @@ def test_warmup_switch_in_the_train_step(threshold, cap, switch_after):
   assert lrs == pytest.approx([0.01] * switch_after + [0.1] * (4 - switch_after))
 
 
-@pytest.mark.parametrize('style', ['caffe', 'pytorch'])
+@pytest.mark.parametrize('style', ['caffe', 'pytorch', 'dampened'])
 def test_momentum_styles_against_numpy_across_an_lr_drop(style):
   opt = default.get_config().optimizer
   opt.update(momentum_style=style, boundaries=(3,), decay=0.1, weight_decay=1e-2, momentum=0.9)
@@ -122,6 +122,9 @@ def test_momentum_styles_against_numpy_across_an_lr_drop(style):
       g = g + (opt.weight_decay * w[k] if k == 'kernel' else 0)  # decay on kernels only
       if style == 'caffe':
         v[k] = opt.momentum * v[k] + lr * g
+        w[k] = w[k] - v[k]
+      elif style == 'dampened':
+        v[k] = opt.momentum * v[k] + (1 - opt.momentum) * lr * g
         w[k] = w[k] - v[k]
       else:
         v[k] = opt.momentum * v[k] + g
@@ -162,3 +165,55 @@ def test_eval_step_counts_only_unmasked_examples():
   assert float(m['error']) == pytest.approx(error)
 
 
+
+
+def _bn_input(n=16, seed=0):
+  x = np.random.default_rng(seed).normal(size=(n, 4, 4, 3)).astype(np.float32)
+  return x + np.arange(n, dtype=np.float32)[:, None, None, None] / 4  # examples differ in mean
+
+
+def test_batchnorm_matches_flax():
+  x = _bn_input()
+  ours, theirs = models.BatchNorm(use_running_average=False), flax.linen.BatchNorm(
+      use_running_average=False, momentum=0.9, epsilon=1e-5)
+  variables = theirs.init(jax.random.key(0), x)
+  params = {'params': {'scale': jnp.arange(1.0, 4.0), 'bias': jnp.arange(3.0)},
+            'batch_stats': variables['batch_stats']}
+  y1, s1 = ours.apply(params, x, mutable=['batch_stats'])
+  y2, s2 = theirs.apply(params, x, mutable=['batch_stats'])
+  np.testing.assert_allclose(y1, y2, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _mapped_bn(group_size, devices, x):
+  bn = models.BatchNorm(use_running_average=False, axis_name=parallel.AXIS, group_size=group_size)
+  variables = bn.init(jax.random.key(0), x[:group_size or 1])
+  mesh = parallel.make_mesh(devices)
+  fn = parallel.map_step(lambda v, x: bn.apply(v, x, mutable=['batch_stats']), mesh,
+                         in_specs=(P(), P(parallel.AXIS)), out_specs=(P(parallel.AXIS), P()))
+  y, stats = fn(variables, parallel.to_global(x, mesh))
+  return np.asarray(y), jax.device_get(stats)
+
+
+def test_bn_groups_of_the_per_device_batch_equal_independent_per_device_bn():
+  x = _bn_input(16)
+  y, stats = _mapped_bn(4, jax.devices()[:4], x)
+  plain = models.BatchNorm(use_running_average=False)
+  variables = plain.init(jax.random.key(0), x[:1])
+  outs = [plain.apply(variables, x[i:i + 4], mutable=['batch_stats']) for i in range(0, 16, 4)]
+  np.testing.assert_allclose(y, np.concatenate([o[0] for o in outs]), atol=1e-5)
+  mean_of_devices = jax.tree.map(lambda *s: np.mean(s, axis=0), *[o[1] for o in outs])
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(mean_of_devices)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  y_sync, _ = _mapped_bn(None, jax.devices()[:4], x)
+  assert np.abs(y - y_sync).max() > 0.1  # grouping does change the normalisation here
+
+
+def test_bn_groups_of_the_global_batch_equal_sync_bn():
+  x = _bn_input(16)
+  y_group, s_group = _mapped_bn(16, jax.devices()[:1], x)
+  y_sync, s_sync = _mapped_bn(None, jax.devices()[:4], x)
+  np.testing.assert_allclose(y_group, y_sync, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s_group), jax.tree.leaves(s_sync)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
