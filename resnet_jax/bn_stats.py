@@ -54,12 +54,10 @@ def training_batches(ds, config, num_images):
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+  from resnet_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
   workdir = flags.FLAGS.workdir
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = checkpointing.load_config(workdir)
   before, after, state, ds, mesh = train.recalibrate_checkpoint(config, workdir, flags.FLAGS.num_images)
   out = os.path.join(os.path.abspath(workdir), 'bn_recomputed', str(int(state.step)))
   ocp.StandardCheckpointer().save(out, state)

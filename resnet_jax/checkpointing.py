@@ -112,3 +112,26 @@ class PreemptionHandler:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def load_config(workdir):
+  """The config a workdir was trained with (its config.json), on top of today's defaults.
+
+  Fields added to configs/default.py after the run was started take their default values, so tools keep
+  working on older runs; tuples come back as tuples.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  config = default.get_config()
+
+  def merge(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node:
+        merge(node[key], value)
+      else:
+        node[key] = tuple(value) if isinstance(node.get(key), tuple) else value
+
+  merge(config, saved)
+  return config

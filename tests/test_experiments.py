@@ -1,0 +1,128 @@
+"""The analysis scripts in experiments/ on two tiny real runs (a ResNet-8 and its plain twin) and fake run dirs."""
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+from configs import cifar10_20
+from conftest import REPO
+from resnet_jax import input_pipeline, models, train
+
+sys.path.insert(0, str(REPO))  # experiments/ is no installed package
+from experiments import cifar_table, layer_responses, plot_curves  # noqa: E402  pylint: disable=g-import-not-at-top
+
+NUM_IMAGES = 64  # two eval batches of 48: the second one is two-thirds padding, which must not count
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """{'resnet8': workdir, 'plain8': workdir}: 6 steps each, logged every step, evaluated every 3."""
+  out = {}
+  for name, residual in (('resnet8', True), ('plain8', False)):
+    config = helpers.small_run(train__log_every_steps=1, model__residual=residual)
+    config.name = name
+    out[name] = tmp_path_factory.mktemp(name)
+    train.train_and_evaluate(config, str(out[name]))
+  return out
+
+
+def file_rows(workdir, splits):
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [(r['step'], 100 * r['error']) for r in rows if r['split'] in splits]
+
+
+def test_plot_curves_plots_the_logged_errors(runs, tmp_path):
+  out = tmp_path / 'fig6.png'
+  plot_curves.main(['--workdirs', str(runs['plain8']), str(runs['resnet8']), '--out', str(out)])
+  assert out.stat().st_size > 1000
+  for name, workdir in runs.items():
+    curves = plot_curves.read_curves(workdir)
+    assert curves['name'] == name
+    for split, splits in (('train', ('train',)), ('test', ('test',))):
+      rows = file_rows(workdir, splits)
+      assert len(rows) == (6 if split == 'train' else 2)
+      assert list(zip(*curves[split])) == rows
+
+
+def independent_stds(workdir, config, num_images):
+  """The statistic from the intermediates of one forward pass over the images, reduced in NumPy."""
+  ds = input_pipeline.load(config.data, config.seed)
+  _, state = helpers.final_params(workdir)
+  variables = jax.tree.map(np.asarray, {'params': state['params'], 'batch_stats': state['batch_stats']})
+  images = input_pipeline.preprocess_eval(ds.eval_images[:num_images], ds.mean_image)
+  _, sown = models.create(config.model).apply(variables, images, train=False, mutable=['intermediates'])
+  responses = [np.asarray(y, np.float64) for block in sown['intermediates'].values() for y in block['responses']]
+  return np.array([y.reshape(-1, y.shape[-1]).std(axis=0).mean() for y in responses])
+
+
+def test_layer_responses_match_numpy(runs, tmp_path):
+  out = tmp_path / 'fig7.png'
+  layer_responses.main(['--workdir', str(runs['plain8']), '--workdir', str(runs['resnet8']), '--out', str(out),
+                        '--num_images', str(NUM_IMAGES), '--batch_size', '48'])
+  assert out.stat().st_size > 1000
+  written = json.loads((tmp_path / 'fig7.png.json').read_text())
+  assert sorted(written) == ['plain8', 'resnet8']
+  assert all(len(s) == 6 for s in written.values())  # ResNet-8: 3 blocks of two 3x3 layers
+  expected = independent_stds(runs['plain8'], helpers.small_run(model__residual=False), NUM_IMAGES)
+  np.testing.assert_allclose(written['plain8'], expected, rtol=1e-4)
+  assert not np.allclose(written['plain8'], written['resnet8'])  # each run's own checkpoint
+
+
+def write_run(runs_dir, name, steps, error, seed=0, **config_overrides):
+  """A workdir as a finished (or stopped) cifar10_20 run leaves it, without checkpoints."""
+  config = json.loads(cifar10_20.get_config().to_json_best_effort())
+  config['seed'] = seed
+  for key, value in config_overrides.items():
+    section, field = key.split('__')
+    config[section][field] = value
+  workdir = runs_dir / name
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps(config))
+  (workdir / 'results.json').write_text(json.dumps({
+      'config': 'cifar10_20', 'test_error': error, 'test_loss': 0.3, 'steps': steps, 'wall_time_s': 7200.0,
+      'start_step': 0, 'device_kind': 'NVIDIA H100', 'device_count': 1, 'platform': 'gpu'}))
+
+
+def fake_runs_dir(tmp_path):
+  runs_dir = tmp_path / 'runs'
+  runs_dir.mkdir()
+  write_run(runs_dir, 'seed0', 64_000, 0.0900)
+  write_run(runs_dir, 'seed1', 64_000, 0.0850, seed=1)
+  write_run(runs_dir, 'short', 2_000, 0.0500)  # partial: must not count
+  write_run(runs_dir, 'synthetic', 64_000, 0.0100, data__source='synthetic')  # another recipe: must not count
+  return runs_dir
+
+
+def test_cifar_table(tmp_path):
+  runs_dir, out = fake_runs_dir(tmp_path), tmp_path / 'table6.md'
+  cifar_table.main(['--runs_dir', str(runs_dir), '--out', str(out)])
+  rows = {line.split(' | ')[0].lstrip('| '): line for line in out.read_text().splitlines()
+          if line.startswith('| ResNet-')}
+  assert sorted(rows, key=lambda n: int(n.split('-')[1])) == [f'ResNet-{d}' for d in cifar_table.DEPTHS]
+  # errors 8.50 and 9.00: best 8.50, mean 8.75, sample std 0.35
+  assert '| 8.50 (8.75 ± 0.35) | 2 |' in rows['ResNet-20']
+  assert 'NVIDIA H100 × 1' in rows['ResNet-20'] and '2.0 h' in rows['ResNet-20']
+  assert all('not reproduced yet' in row for name, row in rows.items() if name != 'ResNet-20')
+  text = out.read_text()
+  assert '2,000 of 64,000 steps' in text and 'data.source=synthetic' in text
+
+
+def test_cifar_table_launches_only_missing_runs(tmp_path, monkeypatch):
+  runs_dir, calls = fake_runs_dir(tmp_path), []
+
+  def fake_run(cmd, **kwargs):
+    del kwargs
+    calls.append(cmd)
+    return cifar_table.subprocess.CompletedProcess(cmd, 0)
+
+  monkeypatch.setattr(cifar_table.subprocess, 'run', fake_run)
+  cifar_table.main(['--runs_dir', str(runs_dir), '--out', str(tmp_path / 't.md'), '--launch', '--seeds', '3',
+                    '--depths', '20', '32'])
+  launched = [(c[3], c[4].rsplit('/', 1)[1], c[5]) for c in calls]
+  assert launched == [('--config=configs/cifar10_32.py', 'cifar10_32_seed0', '--config.seed=0'),
+                      ('--config=configs/cifar10_32.py', 'cifar10_32_seed1', '--config.seed=1'),
+                      ('--config=configs/cifar10_20.py', 'cifar10_20_seed2', '--config.seed=2'),
+                      ('--config=configs/cifar10_32.py', 'cifar10_32_seed2', '--config.seed=2')]
