@@ -101,8 +101,8 @@ class Shortcut(nn.Module):
     return x
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs (CIFAR nets, ResNet-18/34); `residual=False` is the plain counterpart."""
+class Block(nn.Module):
+  """What every block is given; `residual=False` builds the paper's plain counterpart (no shortcut)."""
   features: int
   strides: int
   residual: bool
@@ -111,7 +111,11 @@ class BasicBlock(nn.Module):
   norm: Any
   act: Any = nn.relu
   zero_init_last_bn: bool = False
-  stride_on_3x3: bool = False  # basic blocks always stride the first 3x3
+  stride_on_3x3: bool = False
+
+
+class BasicBlock(Block):
+  """Two 3x3 convs (CIFAR nets, ResNet-18/34); the stride is always on the first 3x3."""
 
   @nn.compact
   def __call__(self, x):
@@ -127,17 +131,11 @@ class BasicBlock(nn.Module):
     return self.act(y)
 
 
-class BottleneckBlock(nn.Module):
-  """1x1 reduce, 3x3, 1x1 expand (x4). The paper (v1) strides the first 1x1; `stride_on_3x3` is "v1.5"."""
-  features: int  # of the 3x3; the block outputs 4x this
-  strides: int
-  residual: bool
-  shortcut: str
-  conv: Any
-  norm: Any
-  act: Any = nn.relu
-  zero_init_last_bn: bool = False
-  stride_on_3x3: bool = False
+class BottleneckBlock(Block):
+  """1x1 reduce, 3x3, 1x1 expand (x4): `features` is the 3x3's width and the block outputs 4x it.
+
+  The paper (v1, the released models) strides the first 1x1; `stride_on_3x3` gives the later "v1.5".
+  """
 
   @nn.compact
   def __call__(self, x):
