@@ -60,7 +60,8 @@ def main(argv):
   config = checkpointing.load_config(workdir)
   before, after, state, ds, mesh = train.recalibrate_checkpoint(config, workdir, flags.FLAGS.num_images)
   out = os.path.join(os.path.abspath(workdir), 'bn_recomputed', str(int(state.step)))
-  ocp.StandardCheckpointer().save(out, state)
+  with ocp.StandardCheckpointer() as checkpointer:  # leaving waits for the asynchronous write
+    checkpointer.save(out, state, force=True)
   report = {'step': int(state.step), 'num_images': flags.FLAGS.num_images, 'split': ds.eval_split,
             'moving_average': before, 'recomputed': after, 'checkpoint': out}
   with open(os.path.join(workdir, 'bn_stats.json'), 'w') as f:
