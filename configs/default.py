@@ -77,4 +77,5 @@ def get_imagenet_config():
   config.data.name = 'imagenet2012'
   config.data.image_size = 224
   config.train.batch_size = 256
+  config.train.recompute_bn_stats = True  # the released models' exact post-training BN statistics
   return config
