@@ -17,13 +17,13 @@ from conftest import REPO
 from helpers import as_flags, assert_same_checkpoints, checkpoint_steps, final_params, run_cli, small_run
 from resnet_jax import checkpointing, train
 
-LONG = dict(train__num_steps=16, train__checkpoint_every_steps=4, train__log_every_steps=1,
-            train__eval_every_steps=16)
+LONG = dict(train__num_steps=24, train__checkpoint_every_steps=4, train__log_every_steps=1,
+            train__eval_every_steps=24)  # long enough that a signal sent at step 5 or 6 lands well before the end
 
 
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
-  """The uninterrupted 16-step run every interrupted one must end equal to."""
+  """The uninterrupted run every interrupted one must end equal to."""
   workdir = tmp_path_factory.mktemp('straight')
   train.train_and_evaluate(small_run(**LONG), str(workdir))
   return workdir
@@ -52,7 +52,7 @@ def test_half_then_a_new_process_is_bit_identical(tmp_path, straight):
   train.train_and_evaluate(small_run(**{**LONG, 'train__num_steps': 8}), str(tmp_path))
   run_cli(tmp_path, *as_flags(small_run(**LONG)))  # the same config, in a new process, from step 8
   rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in rows if r['split'] == 'train'] == list(range(1, 17))
+  assert [r['step'] for r in rows if r['split'] == 'train'] == list(range(1, LONG['train__num_steps'] + 1))
   assert_same_checkpoints(straight, tmp_path)
 
 
@@ -64,7 +64,7 @@ def test_sigkill_then_same_command_is_bit_identical(tmp_path, straight):
   proc.wait()
   assert not (tmp_path / 'results.json').exists()
   killed_at = max(json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines())
-  assert killed_at < 16
+  assert killed_at < LONG['train__num_steps']
   run_cli(tmp_path, *as_flags(config))
   assert_same_checkpoints(straight, tmp_path)
 
@@ -78,7 +78,7 @@ def test_signal_saves_the_current_step_and_restart_continues(tmp_path, straight,
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + sig, err[-2000:]
   stopped = int(err.split('stopped by a signal after step ')[1].split(';')[0])
-  assert 5 <= stopped < 16 and checkpoint_steps(tmp_path)[-1] == stopped  # not only the periodic ones
+  assert 5 <= stopped < LONG['train__num_steps'] and checkpoint_steps(tmp_path)[-1] == stopped  # not only the periodic ones
   assert 'rerun the same command to continue' in err.strip().splitlines()[-1]
   if sig == signal.SIGTERM:
     run_cli(tmp_path, *as_flags(config))
