@@ -20,5 +20,8 @@ setuptools.setup(
         'importlib_resources',
         'pillow',
     ],
-    extras_require={'test': ['pytest', 'matplotlib']},
+    extras_require={
+        'test': ['pytest', 'matplotlib', 'nbformat', 'nbclient', 'ipykernel'],
+        'bench': ['torch'],  # experiments/benchmark.py's PyTorch twin
+    },
 )

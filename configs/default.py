@@ -25,6 +25,8 @@ def get_config():
   # BN statistics over groups of this many examples (the paper's per-GPU BN: 64 for CIFAR, 32 for
   # ImageNet); 0 = over the global batch, synchronised across devices (this codebase's default).
   config.model.bn_group_size = 0
+  config.model.remat = False  # True: recompute each block's activations in the backward pass (less memory)
+  config.model.scan_blocks = False  # True: nn.scan over each stage's identical blocks (flat compile time)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'
@@ -32,7 +34,10 @@ def get_config():
   config.data.data_dir = ''  # tfds data_dir; '' = tfds default (~/tensorflow_datasets)
   config.data.image_folder = ''  # split/class/image tree, or a .tar.gz of one
   config.data.cache_dir = ''  # decoded arrays and mean image; '' = ~/.cache/resnet_jax
-  config.data.image_size = 32
+  config.data.image_size = 32  # CIFAR: the image size; ImageNet: the training and 1-crop crop size
+  config.data.train_split = 'train'  # tfds split names; image_folder: the split folders' names
+  config.data.eval_split = 'test'
+  config.data.on_device = False  # True: dataset on the accelerator, augmentation inside the compiled step
   config.data.val_split = 0  # >0: hold out this many training images and evaluate on them (45k/5k)
   config.data.train_limit = 0  # >0: train on a fixed subset of this many images (debugging, tests)
   config.data.eval_limit = 0  # >0: evaluate on the first this many images
@@ -49,6 +54,7 @@ def get_config():
   # The released models' BN statistics: exact averages over this many training images after training.
   config.train.recompute_bn_stats = False
   config.train.bn_stats_images = 10_000
+  config.train.steps_per_dispatch = 1  # k > 1: k steps per compiled call (lax.scan); intervals multiples of k
   config.train.on_nonfinite = 'stop'  # a non-finite loss: 'stop' (naming the step) | 'skip' the step's update
 
   config.optimizer = ml_collections.ConfigDict()

@@ -14,6 +14,11 @@ from resnet_jax import validate
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results; resumed if it has any.')
+flags.DEFINE_bool('distributed', False, 'Join a multi-process job: jax.distributed.initialize() detects TPU pods, '
+                  'SLURM and Open MPI, or uses the three flags below.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a job JAX cannot detect.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes in the job (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes) (with --coordinator_address).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -66,6 +71,22 @@ def _unknown_override(path, argv):
   return None
 
 
+def initialize_distributed():
+  """jax.distributed.initialize before any other JAX call, when the job has more than one process."""
+  explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if not FLAGS.distributed and all(v is None for v in explicit):
+    return
+  if any(v is None for v in explicit) and any(v is not None for v in explicit):
+    fail('--coordinator_address, --num_processes and --process_id go together: pass all three, or only '
+         '--distributed on a TPU pod, under SLURM or Open MPI.')
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except (RuntimeError, ValueError) as e:
+    fail(f'cannot join the multi-process job ({str(e).splitlines()[0]}); check the coordinator address and '
+         'that every process was started with the same --num_processes.')
+
+
 def main(argv):
   _quiet_orbax()
   if len(argv) > 1:
@@ -81,6 +102,7 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
   except OSError as e:
     fail(f'cannot create the workdir {FLAGS.workdir} ({e.strerror}): choose a writable path for --workdir.')
+  initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top  # after the cheap checks
   from resnet_jax import checkpointing, input_pipeline, models, train  # pylint: disable=g-import-not-at-top
   try:
