@@ -63,8 +63,13 @@ def get_config():
   config.optimizer.weight_decay = 1e-4
   config.optimizer.momentum_style = 'caffe'  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g, w -= lr*v
   #                                            | 'dampened': v = m*v + (1-m)*lr*g
+  config.optimizer.schedule = 'steps'  # 'steps': decay at `boundaries` | 'plateau': when the held-out error stalls
   config.optimizer.boundaries = (32_000, 48_000)  # iterations where the lr is multiplied by decay
   config.optimizer.decay = 0.1
+  # schedule='plateau': decay after this many evaluations in a row without the held-out error falling more
+  # than plateau_threshold (a fraction: 0.001 = 0.1 points) below its best.
+  config.optimizer.plateau_patience = 3
+  config.optimizer.plateau_threshold = 0.001
   # ResNet-110's warm-up: warmup_learning_rate until the training error of a step's batch falls
   # below warmup_error, or for at most warmup_max_steps. 0 = no warm-up.
   config.optimizer.warmup_learning_rate = 0.0
@@ -73,15 +78,41 @@ def get_config():
   return config
 
 
+STEPS_PER_EPOCH = 1_281_167 // 256  # ImageNet-1k training images per global batch of 256: 5,004
+
+
 def get_imagenet_config():
-  """ImageNet defaults (Table 1, section 3.4); the ImageNet issue completes the recipe."""
+  """The paper's ImageNet recipe (section 3.4): batch 256, lr 0.1 divided by 10 when the error plateaus, up to
+  60 x 10^4 iterations, weight decay 1e-4, momentum 0.9, no dropout, scale and colour augmentation."""
   config = get_config()
   config.model.family = 'imagenet'
   config.model.depth = 50
   config.model.shortcut = 'B'
   config.model.num_classes = 1000
+
   config.data.name = 'imagenet2012'
-  config.data.image_size = 224
+  config.data.image_size = 224  # the training and 1-crop/10-crop crop size
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'  # image_folder: a folder validation/ or val/
+  config.data.augment = 'paper'  # 'paper': shorter side in [scale_min, scale_max], crop | 'inception'
+  config.data.scale_min = 256
+  config.data.scale_max = 480
+  config.data.lighting_std = 0.1  # AlexNet's PCA colour noise; 0 = off
+  config.data.eval_resize = 256  # 1-crop and 10-crop: the shorter side before cropping
+  config.data.eval_scales = (224, 256, 384, 480, 640)  # multi-scale testing: the shorter sides
+  config.data.mean_images = 10_000  # training images whose 1-crop views give the per-pixel mean
+  config.data.threads = 0  # tf.data threads; 0 = one per core
+
   config.train.batch_size = 256
+  config.train.eval_batch_size = 256  # 10-crop evaluates 10x as many views per batch
+  config.train.num_steps = 600_000
+  config.train.log_every_steps = 500
+  config.train.eval_every_steps = STEPS_PER_EPOCH  # the plateau rule watches the 1-crop error each epoch
+  config.train.checkpoint_every_steps = STEPS_PER_EPOCH
   config.train.recompute_bn_stats = True  # the released models' exact post-training BN statistics
+
+  config.optimizer.schedule = 'plateau'
+  config.optimizer.plateau_patience = 3
+  config.optimizer.plateau_threshold = 0.001
+  config.optimizer.boundaries = tuple(e * STEPS_PER_EPOCH for e in (30, 60, 90))  # for schedule='steps'
   return config

@@ -1,5 +1,8 @@
 """CIFAR-10 input: the whole dataset in host memory, every batch a pure function of (seed, step).
 
+(ImageNet's JPEGs are streamed by imagenet_input.py; `load` returns that dataset for data.name='imagenet2012'
+unless the source is synthetic, and train_batches/eval_batches hand it its own.)
+
 Paper section 4.2: subtract the per-pixel mean, pad 4 pixels with zeros, take a random 32x32 crop and
 flip half the images; evaluate on the single original view. Because a batch depends only on the seed
 and the global step, a run resumed from a checkpoint sees exactly the data it would have seen, and
@@ -46,14 +49,15 @@ class _Spec:
   """What differs between datasets, so that another one is one more entry in _SPECS."""
   title: str
   tfds_name: str
-  splits: tuple[str, str]  # (train, eval): tfds split names and image-folder directory names
   download_host: str  # tested before tfds tries to download, since offline retries take minutes
   num_classes: int
   synthetic_sizes: tuple[int, int]  # (train, eval)
 
 
 _SPECS = {
-    'cifar10': _Spec('CIFAR-10', 'cifar10', ('train', 'test'), 'www.cs.toronto.edu', 10, (50_000, 10_000)),
+    'cifar10': _Spec('CIFAR-10', 'cifar10', 'www.cs.toronto.edu', 10, (50_000, 10_000)),
+    # Only the synthetic source is read here; imagenet_input.py streams the real images.
+    'imagenet2012': _Spec('ImageNet', 'imagenet2012', 'image-net.org', 1000, (2_560, 512)),
 }
 _FIX_OFFLINE = ('--config.data.source=image_folder --config.data.image_folder=PATH with a local copy '
                 '(a train/ and test/ tree of class folders, or a .tar.gz of one)')
@@ -72,30 +76,44 @@ def _spec(cfg) -> _Spec:
   return _SPECS[cfg.name]
 
 
+def streamed(data_config) -> bool:
+  return data_config.name == 'imagenet2012' and data_config.source != 'synthetic'
+
+
+def _splits(cfg) -> tuple[str, str]:
+  return (cfg.train_split, cfg.eval_split)
+
+
 def check(data_config) -> None:
   """Fast (seconds) checks before anything heavy; raises DataError."""
   spec = _spec(data_config)
-  if data_config.source == 'tfds':
+  if streamed(data_config):
+    from resnet_jax import imagenet_input  # pylint: disable=g-import-not-at-top
+    imagenet_input.check(data_config)
+  elif data_config.source == 'tfds':
     _tfds_builder(spec, data_config.data_dir)
   elif data_config.source == 'image_folder':
     path = _folder_path(data_config)
     if os.path.isdir(path):
-      _index(_list_dir(path, spec), path, spec)
+      _index(_list_dir(path, _splits(data_config)), path, _splits(data_config))
     elif not tarfile.is_tarfile(path):
       raise DataError(f'data.image_folder={path} is neither a directory nor a readable .tar.gz; '
                       'point it at a train/ and test/ tree of class folders or an archive of one.')
 
 
-def load(data_config, seed: int) -> Dataset:
+def load(data_config, seed: int):
   """Loads (or decodes and caches) the images, then applies val_split, train_limit and eval_limit."""
   spec = _spec(data_config)
+  if streamed(data_config):
+    from resnet_jax import imagenet_input  # pylint: disable=g-import-not-at-top
+    return imagenet_input.ImageNet(data_config, seed)
   size = int(data_config.image_size)
   ti, tl, ei, el, num_classes = _LOADERS[data_config.source](spec, data_config, seed)
   for name, images in (('training', ti), ('evaluation', ei)):
     if images.shape[1:] != (size, size, 3):
       raise DataError(f'the {name} images have shape {images.shape[1:]} but data.image_size={size}; '
                       f'set --config.data.image_size={images.shape[1]}.')
-  eval_split = spec.splits[1]
+  eval_split = data_config.eval_split
   if data_config.val_split:
     k, n = int(data_config.val_split), len(tl)
     if k >= n:
@@ -142,7 +160,7 @@ def _load_tfds(spec, cfg, seed):
   if not builder.is_prepared():
     builder.download_and_prepare()
   arrays = []
-  for split in spec.splits:
+  for split in _splits(cfg):
     images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
     arrays += [np.asarray(images, np.uint8), np.asarray(labels, np.int32)]
   return (*arrays, builder.info.features['label'].num_classes)
@@ -168,10 +186,10 @@ def _folder_path(cfg) -> str:
   return path
 
 
-def _list_dir(root: str, spec: _Spec) -> dict[str, tuple[int, int]]:
+def _list_dir(root: str, splits) -> dict[str, tuple[int, int]]:
   """{'split/class/file': (size, mtime)} for every file two levels under each split folder."""
   files = {}
-  for split in spec.splits:
+  for split in splits:
     top = os.path.join(root, split)
     for c in os.scandir(top) if os.path.isdir(top) else []:
       for f in os.scandir(c.path) if c.is_dir() else []:
@@ -180,7 +198,7 @@ def _list_dir(root: str, spec: _Spec) -> dict[str, tuple[int, int]]:
   return files
 
 
-def _read_archive(path: str, spec: _Spec) -> tuple[dict[str, bytes], str]:
+def _read_archive(path: str, splits) -> tuple[dict[str, bytes], str]:
   """All files of a .tar.gz in one streaming pass (3x faster than extracting 60k files) and the top
   folder that holds the splits, if there is one."""
   try:
@@ -189,18 +207,18 @@ def _read_archive(path: str, spec: _Spec) -> tuple[dict[str, bytes], str]:
   except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
     raise DataError(f'cannot read the archive {path} ({e}); replace it or extract it and pass the folder.') from None
   tops = {name.split('/', 1)[0] for name in files}
-  if len(tops) == 1 and not any(name.startswith(spec.splits[0] + '/') for name in files):
+  if len(tops) == 1 and not any(name.startswith(splits[0] + '/') for name in files):
     prefix = tops.pop() + '/'
     return {name[len(prefix):]: data for name, data in files.items()}, prefix
   return files, ''
 
 
-def _index(names, where: str, spec: _Spec):
+def _index(names, where: str, split_names):
   """Classes in sorted folder-name order (as tfds) and, per split, [(name, label)] in sorted order."""
-  expected = f'{where} should hold {" and ".join(s + "/" for s in spec.splits)} with a folder of images per class'
+  expected = f'{where} should hold {" and ".join(s + "/" for s in split_names)} with a folder of images per class'
   parts = [name.split('/') for name in names]
   splits = []
-  for split in spec.splits:
+  for split in split_names:
     files = sorted((p[1], p[2]) for p in parts if len(p) == 3 and p[0] == split and p[2].lower().endswith(
         _IMAGE_EXTENSIONS) and not p[1].startswith('.') and not p[2].startswith('.'))
     if not files:
@@ -209,9 +227,9 @@ def _index(names, where: str, spec: _Spec):
   classes = sorted({c for c, _ in splits[0]})
   unknown = sorted({c for c, _ in splits[1]} - set(classes))
   if unknown:
-    raise DataError(f'{where}/{spec.splits[1]} has classes {unknown} absent from {spec.splits[0]}/; {expected}.')
+    raise DataError(f'{where}/{split_names[1]} has classes {unknown} absent from {split_names[0]}/; {expected}.')
   label = {c: i for i, c in enumerate(classes)}
-  return classes, [[(f'{s}/{c}/{f}', label[c]) for c, f in files] for s, files in zip(spec.splits, splits)]
+  return classes, [[(f'{s}/{c}/{f}', label[c]) for c, f in files] for s, files in zip(split_names, splits)]
 
 
 def _decode_chunk(items, size: int) -> np.ndarray:
@@ -254,10 +272,11 @@ def _load_image_folder(spec, cfg, seed):
   del seed
   path, size = _folder_path(cfg), int(cfg.image_size)
   cache_dir = os.path.expanduser(cfg.cache_dir or '~/.cache/resnet_jax')
-  key = hashlib.sha256(f'{_FORMAT}\n{spec.tfds_name}\n{size}\n{path}\n'.encode())
+  names = _splits(cfg)
+  key = hashlib.sha256(f'{_FORMAT}\n{spec.tfds_name}\n{size}\n{path}\n{names}\n'.encode())
   if os.path.isdir(path):
-    files = _list_dir(path, spec)
-    classes, splits = _index(files, path, spec)
+    files = _list_dir(path, names)
+    classes, splits = _index(files, path, names)
     key.update(repr(sorted(files.items())).encode())  # names, sizes and mtimes
   else:  # the archive's own stat stands for its files, so a cached load does not read it
     st = os.stat(path)
@@ -271,8 +290,8 @@ def _load_image_folder(spec, cfg, seed):
   if os.path.isdir(path):
     items = [[(os.path.join(path, rel), None) for rel, _ in s] for s in splits]
   else:
-    files, prefix = _read_archive(path, spec)
-    classes, splits = _index(files, path, spec)
+    files, prefix = _read_archive(path, names)
+    classes, splits = _index(files, path, names)
     items = [[(f'{path}:{prefix}{rel}', files[rel]) for rel, _ in s] for s in splits]
   images = _decode_files(items[0] + items[1], size)  # one pool for both splits
   arrays = {'train_images': images[:len(items[0])], 'eval_images': images[len(items[0]):]}
@@ -359,9 +378,12 @@ def train_batch(ds: Dataset, step: int, batch_size: int, seed: int, process_inde
   return {'image': images, 'label': ds.train_labels[index].astype(np.int32)}
 
 
-def train_batches(ds: Dataset, start_step: int, batch_size: int, seed: int, process_index: int = 0,
+def train_batches(ds, start_step: int, batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict]:
   """train_batch for start_step, start_step + 1, ... forever."""
+  if not isinstance(ds, Dataset):  # streamed ImageNet
+    yield from ds.train_batches(start_step, batch_size, seed, process_index, process_count)
+    return
   for step in itertools.count(start_step):
     yield train_batch(ds, step, batch_size, seed, process_index, process_count)
 
@@ -372,9 +394,11 @@ def num_eval_batches(ds: Dataset, batch_size: int) -> int:
   return -(-len(ds.eval_labels) // batch_size)
 
 
-def eval_batches(ds: Dataset, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+def eval_batches(ds, batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
   """The eval set in order; the last global batch is zero-padded, and 'mask' is 1 for real images."""
+  if not isinstance(ds, Dataset):  # streamed ImageNet: the 1-crop view
+    yield from ds.eval_batches(batch_size, process_index, process_count)
+    return
   share = _share(batch_size, process_index, process_count, 'train.eval_batch_size')
   local, m = share.stop - share.start, len(ds.eval_labels)
   for b in range(num_eval_batches(ds, batch_size)):

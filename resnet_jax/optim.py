@@ -4,10 +4,40 @@ Caffe updates v = m*v + lr*g, w -= v; PyTorch and optax update v = m*v + g, w -=
 the lr is constant and differ after a drop: Caffe's velocity still carries the old lr for a while. The
 'dampened' form v = m*v + (1-m)*lr*g, which the released models' notes warn about, scales the effective lr
 by (1-m).
+
+ImageNet's lr was "divided by 10 when the error plateaus": `schedule='plateau'` makes that a rule on the
+held-out error, kept in the train state so a resumed run continues it; `schedule='steps'` uses fixed
+boundaries instead (e.g. epochs 30, 60, 90) so the two can be compared.
 """
 import flax
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+MOMENTUM_STYLES = ('caffe', 'pytorch', 'dampened')
+SCHEDULES = ('steps', 'plateau')
+
+
+class Plateau(flax.struct.PyTreeNode):
+  drops: jax.Array  # lr divisions made so far (used by schedule='plateau')
+  best: jax.Array  # the lowest held-out error so far
+  waited: jax.Array  # evaluations since the error last fell more than plateau_threshold below `best`
+
+
+def initial_plateau() -> Plateau:
+  return Plateau(jnp.zeros((), jnp.int32), jnp.asarray(np.inf, jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def plateau_after(opt_config, plateau: Plateau, error: float) -> Plateau:
+  """After an evaluation (on the host): `plateau_patience` evaluations in a row without an improvement of more
+  than `plateau_threshold` divide the lr (by 1/decay) and restart the count."""
+  best, waited, drops = float(plateau.best), int(plateau.waited), int(plateau.drops)
+  improved = error < best - opt_config.plateau_threshold
+  best, waited = (error, 0) if improved else (best, waited + 1)
+  if opt_config.schedule == 'plateau' and waited >= opt_config.plateau_patience:
+    drops, waited = drops + 1, 0
+  return Plateau(np.int32(drops), np.float32(best), np.int32(waited))
 
 MOMENTUM_STYLES = ('caffe', 'pytorch', 'dampened')
 
@@ -35,9 +65,12 @@ def create(opt_config) -> optax.GradientTransformation:
   return optax.inject_hyperparams(sgd)(learning_rate=opt_config.learning_rate)
 
 
-def learning_rate(opt_config, step, warmup_done):
-  """The step schedule (lr x decay at each boundary passed), or the warm-up lr until the warm-up is done."""
-  drops = sum((step >= b).astype(jnp.int32) for b in opt_config.boundaries) if opt_config.boundaries else 0
+def learning_rate(opt_config, step, warmup_done, plateau_drops=0):
+  """lr x decay per boundary passed (or per plateau), or the warm-up lr until the warm-up is done."""
+  if opt_config.schedule == 'plateau':
+    drops = plateau_drops
+  else:
+    drops = sum((step >= b).astype(jnp.int32) for b in opt_config.boundaries) if opt_config.boundaries else 0
   lr = opt_config.learning_rate * jnp.asarray(opt_config.decay, jnp.float32) ** drops
   return jnp.where(warmup_done, lr, opt_config.warmup_learning_rate).astype(jnp.float32)
 

@@ -32,6 +32,7 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   warmup_done: jax.Array  # the lr warm-up's data-dependent switch (ResNet-110)
+  plateau: optim.Plateau  # the held-out error's history, for schedule='plateau' (ImageNet)
   nonfinite_steps: jax.Array  # steps whose loss, gradients or new params were not finite
   first_nonfinite: jax.Array  # the first such step's index, -1 while there is none
 
@@ -63,6 +64,7 @@ def create_train_state(config, model, tx, rng) -> TrainState:
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
                     opt_state=tx.init(params), warmup_done=optim.initial_warmup_done(config.optimizer),
+                    plateau=optim.initial_plateau(),
                     nonfinite_steps=jnp.zeros((), jnp.int32), first_nonfinite=-jnp.ones((), jnp.int32))
 
 
@@ -80,7 +82,7 @@ def train_step(state, batch, *, model, tx, opt_config, skip_nonfinite=False):
   A step whose loss, gradients or new params are not finite is counted; with `skip_nonfinite` its update
   is also dropped (the state stays as it was but for the step and the counters).
   """
-  lr = optim.learning_rate(opt_config, state.step, state.warmup_done)
+  lr = optim.learning_rate(opt_config, state.step, state.warmup_done, state.plateau.drops)
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
@@ -225,7 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
         state = _recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
       if step % config.train.eval_every_steps == 0 or step == num_steps:
         eval_results = evaluate(eval_fn, state, ds, config, mesh)
-        writer.write(step, ds.eval_split, eval_results)
+        plateau = optim.plateau_after(config.optimizer, state.plateau, eval_results['error'])
+        state = state.replace(plateau=jax.device_put(plateau, parallel.replicated(mesh)))
+        writer.write(step, ds.eval_split, {**eval_results, 'lr_drops': int(plateau.drops)})
       saved = step % config.train.checkpoint_every_steps == 0 or step == num_steps
       if saved:
         save(step)

@@ -6,7 +6,7 @@ class ConfigError(ValueError):
 
 
 SOURCES = ('tfds', 'image_folder', 'synthetic')
-DATASETS = ('cifar10',)
+DATASETS = ('cifar10', 'imagenet2012')
 
 
 def _require(ok, message):
@@ -25,6 +25,12 @@ def check(config, device_count=None, process_count=1):
            f"optimizer.momentum_style must be 'caffe', 'pytorch' or 'dampened', got {opt.momentum_style!r}.")
   _require(list(opt.boundaries) == sorted(opt.boundaries),
            f'optimizer.boundaries must be increasing steps, got {tuple(opt.boundaries)}.')
+  _require(opt.get('schedule', 'steps') in ('steps', 'plateau'),
+           f"optimizer.schedule must be 'steps' or 'plateau', got {opt.get('schedule')!r}.")
+  _require(isinstance(opt.get('plateau_patience', 1), int) and opt.get('plateau_patience', 1) > 0,
+           f'optimizer.plateau_patience must be a positive number of evaluations, got {opt.get("plateau_patience")!r}.')
+  _require(opt.get('plateau_threshold', 0) >= 0,
+           f'optimizer.plateau_threshold must be >= 0, got {opt.get("plateau_threshold")}.')
   _require(opt.warmup_learning_rate >= 0,
            f'optimizer.warmup_learning_rate must be >= 0 (0 = no warm-up), got {opt.warmup_learning_rate}.')
   for field in ('batch_size', 'eval_batch_size', 'num_steps', 'log_every_steps', 'eval_every_steps',
@@ -37,6 +43,15 @@ def check(config, device_count=None, process_count=1):
   _require(data.name in DATASETS, f'data.name must be one of {DATASETS}, got {data.name!r}.')
   _require(data.source != 'image_folder' or data.image_folder,
            'data.source is image_folder but data.image_folder is empty: set --config.data.image_folder=PATH.')
+  if data.name == 'imagenet2012':
+    _require(data.augment in ('paper', 'inception'),
+             f"data.augment must be 'paper' or 'inception', got {data.augment!r}.")
+    _require(0 < data.image_size <= data.scale_min <= data.scale_max,
+             f'data.scale_min and scale_max must satisfy image_size <= scale_min <= scale_max, got '
+             f'{data.image_size}, {data.scale_min}, {data.scale_max}.')
+    _require(data.image_size <= data.eval_resize,
+             f'data.eval_resize={data.eval_resize} is smaller than the crop data.image_size={data.image_size}.')
+    _require(data.mean_images > 0, f'data.mean_images must be positive, got {data.mean_images}.')
   group = config.model.get('bn_group_size') or 0
   _require(isinstance(group, int) and group >= 0,
            f'model.bn_group_size must be 0 (the global batch) or a positive group size, got {group!r}.')

@@ -186,7 +186,7 @@ BAD_INPUTS = [  # (id, flags, what the one line must say); {tmp} is the test's t
     ('depth', ['--config.model.depth=21'], 'CIFAR ResNet depth must be 6n+2, got 21'),
     ('shortcut', ['--config.model.shortcut=D'], "Unknown shortcut option 'D'"),
     ('source', ['--config.data.source=ftp'], "data.source must be one of ('tfds', 'image_folder', 'synthetic')"),
-    ('dataset', ['--config.data.name=mnist'], "data.name must be one of ('cifar10',), got 'mnist'"),
+    ('dataset', ['--config.data.name=mnist'], "data.name must be one of ('cifar10', 'imagenet2012'), got 'mnist'"),
     ('missing folder', ['--config.data.source=image_folder', '--config.data.image_folder={tmp}/nowhere'],
      'data.image_folder={tmp}/nowhere does not exist'),
     ('empty folder', ['--config.data.source=image_folder', '--config.data.image_folder={tmp}/empty'],
