@@ -114,7 +114,7 @@ def main(argv):
   logging.info('JAX devices: %s', jax.devices())
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
-  except (input_pipeline.DataError, checkpointing.CheckpointMismatch, train.Diverged) as e:
+  except (input_pipeline.DataError, checkpointing.CheckpointMismatch, train.Diverged, validate.ConfigError) as e:
     fail(str(e))  # an unreadable image is found when the data is read; the others when training starts
   except train.Preempted as e:
     print(str(e), file=sys.stderr)

@@ -23,7 +23,7 @@ from absl import logging
 from clu import metrics
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import bn_stats, checkpointing, input_pipeline, models, optim, parallel, writers
+from resnet_jax import bn_stats, checkpointing, input_pipeline, models, optim, parallel, precision, validate, writers
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -33,6 +33,7 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   warmup_done: jax.Array  # the lr warm-up's data-dependent switch (ResNet-110)
   plateau: optim.Plateau  # the held-out error's history, for schedule='plateau' (ImageNet)
+  loss_scale: precision.LossScale  # float16's dynamic loss scale (1 otherwise)
   nonfinite_steps: jax.Array  # steps whose loss, gradients or new params were not finite
   first_nonfinite: jax.Array  # the first such step's index, -1 while there is none
 
@@ -64,7 +65,7 @@ def create_train_state(config, model, tx, rng) -> TrainState:
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
                     opt_state=tx.init(params), warmup_done=optim.initial_warmup_done(config.optimizer),
-                    plateau=optim.initial_plateau(),
+                    plateau=optim.initial_plateau(), loss_scale=precision.initial(config.model),
                     nonfinite_steps=jnp.zeros((), jnp.int32), first_nonfinite=-jnp.ones((), jnp.int32))
 
 
@@ -76,39 +77,59 @@ def _all_finite(*trees):
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
 
 
-def train_step(state, batch, *, model, tx, opt_config, skip_nonfinite=False):
+def train_step(state, batch, *, model, tx, opt_config, skip_nonfinite=False, scale_loss=False):
   """One SGD step on this device's share of the global batch.
 
   A step whose loss, gradients or new params are not finite is counted; with `skip_nonfinite` its update
-  is also dropped (the state stays as it was but for the step and the counters).
+  is also dropped (the state stays as it was but for the step and the counters). With `scale_loss`
+  (float16), gradients that overflow only skip the update and halve the loss scale; a non-finite loss or
+  new params still count as divergence.
   """
   lr = optim.learning_rate(opt_config, state.step, state.warmup_done, state.plateau.drops)
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
                                   train=True, mutable=['batch_stats'])
+    logits = logits.astype(jnp.float32)
     loss = jax.lax.pmean(cross_entropy(logits, batch['label']).mean(), parallel.AXIS)
-    return loss, (logits, updates['batch_stats'])
+    return loss * state.loss_scale.scale if scale_loss else loss, (loss, logits, updates['batch_stats'])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if scale_loss:
+    grads = jax.tree.map(lambda g: g / state.loss_scale.scale, grads)
   error = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) != batch['label']), parallel.AXIS)
   opt_state = optim.set_learning_rate(state.opt_state, lr)
   updates, opt_state = tx.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = _all_finite(loss, grads, params, batch_stats)
   new = dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
              warmup_done=optim.warmup_done_after(opt_config, state.step, state.warmup_done, error))
-  if skip_nonfinite:
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: getattr(state, k) for k in new})
+  if scale_loss:
+    grads_finite = _all_finite(grads)
+    finite = _all_finite(loss, batch_stats) & (~grads_finite | _all_finite(params))
+    keep = grads_finite & (finite | ~jnp.asarray(skip_nonfinite))
+    new['loss_scale'] = precision.adjust(state.loss_scale, grads_finite)
+    old = {k: getattr(state, k) for k in new if k != 'loss_scale'}
+    new.update(jax.tree.map(lambda n, o: jnp.where(keep, n, o), {k: new[k] for k in old}, old))
+  else:
+    finite = _all_finite(loss, grads, params, batch_stats)
+    if skip_nonfinite:
+      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: getattr(state, k) for k in new})
   new_state = state.replace(
       step=state.step + 1, nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
       first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite), **new)
   return new_state, TrainMetrics.single_from_model_output(loss=loss, error=error)
 
 
+def scan_steps(step_fn, state, batches):
+  """k steps in one call: `batches` leaves are [b, k, ...] (the device's share of k global batches)."""
+  state, metrics = jax.lax.scan(step_fn, state, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batches))
+  return state, jax.tree.map(lambda x: x.sum(axis=0), metrics)  # summed Averages are the merged Average
+
+
 def eval_step(state, batch, *, model):
   """Masked sums over this device's share, added over all devices: padding never counts."""
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'],
+                       train=False).astype(jnp.float32)
   local = EvalMetrics.single_from_model_output(
       loss=cross_entropy(logits, batch['label']), error=(jnp.argmax(logits, -1) != batch['label']).astype(
           jnp.float32), mask=batch['mask'])
@@ -116,11 +137,17 @@ def eval_step(state, batch, *, model):
 
 
 def compile_steps(config, model, tx, mesh):
-  """The jitted, mapped steps. `model` must have been built with bn_axis_name=parallel.AXIS."""
-  train = parallel.map_step(
-      lambda s, b: train_step(s, b, model=model, tx=tx, opt_config=config.optimizer,
-                              skip_nonfinite=config.train.on_nonfinite == 'skip'), mesh,
-      in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=0)
+  """The jitted, mapped steps. `model` must have been built with bn_axis_name=parallel.AXIS.
+
+  With train.steps_per_dispatch = k > 1, one call runs k steps on batches stacked along axis 1.
+  """
+  def step(s, b):
+    return train_step(s, b, model=model, tx=tx, opt_config=config.optimizer,
+                      skip_nonfinite=config.train.on_nonfinite == 'skip', scale_loss=precision.dynamic(config.model))
+
+  k = config.train.get('steps_per_dispatch', 1)
+  train = parallel.map_step(step if k == 1 else lambda s, b: scan_steps(step, s, b), mesh,
+                            in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=0)
   evaluate = parallel.map_step(lambda s, b: eval_step(s, b, model=model), mesh,
                                in_specs=(P(), P(parallel.AXIS)), out_specs=P())
   return train, evaluate
@@ -146,6 +173,16 @@ def provenance():
   return {'git_commit': commit, 'versions': versions, 'python': platform.python_version(),
           'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
           'process_count': jax.process_count(), 'platform': jax.default_backend()}
+
+
+def _stacked(batches, k):
+  """Groups k consecutive host batches into one, stacked along axis 1 (axis 0 stays the batch)."""
+  if k == 1:
+    yield from batches
+    return
+  while True:
+    group = [next(batches) for _ in range(k)]
+    yield jax.tree.map(lambda *xs: np.stack(xs, axis=1), *group)
 
 
 def _check_finite(state, config, manager, workdir):
@@ -197,10 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+  k = config.train.steps_per_dispatch
+  if start_step % k:
+    raise validate.ConfigError(f'the checkpoint at step {start_step} is not a multiple of train.steps_per_dispatch'
+                               f'={k}: resume with a divisor of {start_step} (e.g. 1).')
   writer, progress = writers.Writer(workdir, is_main), writers.Progress(start_step, num_steps, config.train.batch_size)
   train_fn, eval_fn = compile_steps(config, model, tx, mesh)
-  batches = parallel.prefetch(input_pipeline.train_batches(
-      ds, start_step, config.train.batch_size, config.seed, jax.process_index(), jax.process_count()),
+  batches = parallel.prefetch(_stacked(input_pipeline.train_batches(
+      ds, start_step, config.train.batch_size, config.seed, jax.process_index(), jax.process_count()), k),
       mesh, config.data.prefetch)
   logging.info('Training %s from step %d to %d on %d devices.', config.name, start_step, num_steps,
                jax.device_count())
@@ -211,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
 
   train_metrics, eval_results, moving_average_results = None, None, None
   with checkpointing.PreemptionHandler() as preemption:
-    for step in range(start_step + 1, num_steps + 1):
+    for step in range(start_step + k, num_steps + 1, k):
       state, m = train_fn(state, next(batches))
       train_metrics = m if train_metrics is None else train_metrics.merge(m)
       if step % config.train.log_every_steps == 0 or step == num_steps:
@@ -220,6 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
         scalars.update(lr=float(optim.current_learning_rate(state.opt_state)), **progress.measure(step))
         if config.train.on_nonfinite == 'skip':
           scalars['skipped_steps'] = int(state.nonfinite_steps)
+        if precision.dynamic(config.model):
+          scalars.update(loss_scale=float(state.loss_scale.scale), overflow_steps=int(state.loss_scale.overflow_steps))
         writer.write(step, 'train', scalars)
         train_metrics = None
       if step == num_steps and config.train.recompute_bn_stats:  # the released models' exact statistics

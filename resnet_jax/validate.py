@@ -37,6 +37,11 @@ def check(config, device_count=None, process_count=1):
                 'checkpoint_every_steps', 'keep_checkpoints'):
     value = train[field]
     _require(isinstance(value, int) and value > 0, f'train.{field} must be a positive integer, got {value!r}.')
+  k = train.get('steps_per_dispatch', 1)
+  _require(isinstance(k, int) and k > 0, f'train.steps_per_dispatch must be a positive integer, got {k!r}.')
+  for field in ('num_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    _require(train[field] % k == 0, f'train.{field}={train[field]} is not a multiple of train.steps_per_dispatch={k}: '
+                                    f'use a multiple of {k}, or a steps_per_dispatch that divides it.')
   _require(train.on_nonfinite in ('stop', 'skip'),
            f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}.")
   _require(data.source in SOURCES, f'data.source must be one of {SOURCES}, got {data.source!r}.')
