@@ -5,6 +5,7 @@ with shard_map (parallel.py). Inside, BatchNorm averages its statistics over the
 global batch) and the loss is pmean'd: gradients of replicated params then come back already averaged.
 A further pmean of the gradients would be a no-op at best; a psum would scale them by the device count.
 """
+import itertools
 import json
 import os
 import platform
@@ -23,7 +24,8 @@ from absl import logging
 from clu import metrics
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import bn_stats, checkpointing, input_pipeline, models, optim, parallel, precision, validate, writers
+from resnet_jax import (bn_stats, checkpointing, device_data, input_pipeline, models, optim, parallel, precision,
+                        validate, writers)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -136,18 +138,25 @@ def eval_step(state, batch, *, model):
   return jax.tree.map(lambda x: jax.lax.psum(x, parallel.AXIS), local)
 
 
-def compile_steps(config, model, tx, mesh):
+def compile_steps(config, model, tx, mesh, data=None):
   """The jitted, mapped steps. `model` must have been built with bn_axis_name=parallel.AXIS.
 
-  With train.steps_per_dispatch = k > 1, one call runs k steps on batches stacked along axis 1.
+  With train.steps_per_dispatch = k > 1, one call runs k steps on batches stacked along axis 1. With `data`
+  (device_data.put), the step takes device_data.step_arrays instead of images and makes its batches itself.
   """
   def step(s, b):
     return train_step(s, b, model=model, tx=tx, opt_config=config.optimizer,
                       skip_nonfinite=config.train.on_nonfinite == 'skip', scale_loss=precision.dynamic(config.model))
 
   k = config.train.get('steps_per_dispatch', 1)
-  train = parallel.map_step(step if k == 1 else lambda s, b: scan_steps(step, s, b), mesh,
-                            in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=0)
+  if data is None:
+    train = parallel.map_step(step if k == 1 else lambda s, b: scan_steps(step, s, b), mesh,
+                              in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=0)
+  else:  # the dataset is an argument, not a closed-over constant of the compiled step
+    on_device = parallel.map_step(lambda s, d, xs: scan_steps(lambda s, x: step(s, device_data.batch(d, x)), s, xs),
+                                  mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=(P(), P()),
+                                  donate_argnums=0)
+    train = lambda s, xs: on_device(s, data, xs)  # noqa: E731
   evaluate = parallel.map_step(lambda s, b: eval_step(s, b, model=model), mesh,
                                in_specs=(P(), P(parallel.AXIS)), out_specs=P())
   return train, evaluate
@@ -239,10 +248,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     raise validate.ConfigError(f'the checkpoint at step {start_step} is not a multiple of train.steps_per_dispatch'
                                f'={k}: resume with a divisor of {start_step} (e.g. 1).')
   writer, progress = writers.Writer(workdir, is_main), writers.Progress(start_step, num_steps, config.train.batch_size)
-  train_fn, eval_fn = compile_steps(config, model, tx, mesh)
-  batches = parallel.prefetch(_stacked(input_pipeline.train_batches(
-      ds, start_step, config.train.batch_size, config.seed, jax.process_index(), jax.process_count()), k),
-      mesh, config.data.prefetch)
+  pi, pc, batch_size = jax.process_index(), jax.process_count(), config.train.batch_size
+  if config.data.get('on_device'):  # the host sends indices and augmentation draws only
+    train_fn, eval_fn = compile_steps(config, model, tx, mesh, device_data.put(ds, mesh))
+    host = (device_data.step_arrays(len(ds.train_labels), first, k, batch_size, config.seed, pi, pc)
+            for first in itertools.count(start_step, k))
+  else:
+    train_fn, eval_fn = compile_steps(config, model, tx, mesh)
+    host = _stacked(input_pipeline.train_batches(ds, start_step, batch_size, config.seed, pi, pc), k)
+  batches = parallel.prefetch(host, mesh, config.data.prefetch)
   logging.info('Training %s from step %d to %d on %d devices.', config.name, start_step, num_steps,
                jax.device_count())
 

@@ -48,6 +48,9 @@ def check(config, device_count=None, process_count=1):
   _require(data.name in DATASETS, f'data.name must be one of {DATASETS}, got {data.name!r}.')
   _require(data.source != 'image_folder' or data.image_folder,
            'data.source is image_folder but data.image_folder is empty: set --config.data.image_folder=PATH.')
+  _require(not data.get('on_device') or data.name == 'cifar10' or data.source == 'synthetic',
+           'data.on_device keeps the whole training set on the accelerators, which only CIFAR-10 (or synthetic '
+           'data) fits: set --config.data.on_device=False.')
   if data.name == 'imagenet2012':
     _require(data.augment in ('paper', 'inception'),
              f"data.augment must be 'paper' or 'inception', got {data.augment!r}.")

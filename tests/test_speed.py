@@ -68,3 +68,18 @@ def test_float16_loss_scaling_skips_overflows_and_counts_them():
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(
       state.params))))
   assert moved > 1e-4
+
+
+def test_on_device_data_with_steps_per_dispatch_trains_as_the_host_path(tmp_path):
+  """The whole loop: on-device batches, 3 steps per call, equal to host batches one step at a time."""
+  from helpers import small_run  # pylint: disable=g-import-not-at-top
+  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  common = dict(train__num_steps=6, train__log_every_steps=3, train__eval_every_steps=6,
+                train__checkpoint_every_steps=6, data__prefetch=0)
+  host = train.train_and_evaluate(small_run(**common), str(tmp_path / 'host'), mesh)
+  device = train.train_and_evaluate(small_run(data__on_device=True, train__steps_per_dispatch=3, **common),
+                                    str(tmp_path / 'device'), mesh)
+  assert host['steps'] == device['steps'] == 6
+  np.testing.assert_allclose(device['test_error'], host['test_error'], atol=1e-6)
+  np.testing.assert_allclose(device['test_loss'], host['test_loss'], rtol=1e-5)
