@@ -68,7 +68,7 @@ def make_moments_fn(model):
     _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
     weight = mask[:, None, None, None]
     out = {}
-    for block, sown in state['intermediates'].items():
+    for block, sown in models.unstack_blocks(state['intermediates']).items():  # scan_blocks: per block
       stats = []
       for y in sown['responses']:
         y = y.astype(jnp.float32)  # a bfloat16 model's responses: reduce in float32

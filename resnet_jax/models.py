@@ -5,6 +5,7 @@ conv on an even input, which would sample odd pixels in the conv branch while th
 x[:, ::2, ::2] or a 1x1/2 projection) samples even ones.
 """
 import functools
+import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -158,7 +159,13 @@ def _last_scale_init(zero):
 
 
 class ResNet(nn.Module):
-  """A stem, stages of blocks (the first block of every stage but the first strides 2), pool, dense."""
+  """A stem, stages of blocks (the first block of every stage but the first strides 2), pool, dense.
+
+  For memory and compile time at depth (ResNet-1202): `remat` recomputes each block's activations in the
+  backward pass, with the same variables (XLA:CPU saves memory only under scan). `scan_blocks` runs a stage's
+  blocks 2..n as one nn.scan, 'stage{i}_block2to{n}', whose variables and sown values have a leading block
+  axis; stack_blocks/unstack_blocks convert.
+  """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
   block: Any
@@ -173,6 +180,8 @@ class ResNet(nn.Module):
   param_dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None  # 'batch' inside the data-parallel step: sync BN
   bn_group_size: Optional[int] = None  # examples per BN group; None: the global batch
+  remat: bool = False
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -187,14 +196,58 @@ class ResNet(nn.Module):
     else:
       x = nn.relu(norm(name='stem_bn')(conv(64, (7, 7), (2, 2), padding=PAD7, name='stem_conv')(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD3)  # Flax pads max pools with -inf
+    block_cls = nn.remat(self.block) if self.remat else self.block
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      for j in range(blocks):
-        x = self.block(width, 2 if i > 0 and j == 0 else 1, self.residual, self.shortcut, conv, norm,
-                       zero_init_last_bn=self.zero_init_last_bn, stride_on_3x3=self.stride_on_3x3,
-                       name=f'stage{i + 1}_block{j + 1}')(x)
+      block = functools.partial(block_cls, width, residual=self.residual, shortcut=self.shortcut, conv=conv,
+                                norm=norm, zero_init_last_bn=self.zero_init_last_bn,
+                                stride_on_3x3=self.stride_on_3x3)
+      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1')(x)  # changes shape: never scanned
+      if self.scan_blocks and blocks > 1:
+        # One traced block whatever the depth: every collection (params, batch_stats, bn_moments,
+        # intermediates) gets a leading axis over the blocks.
+        scan = nn.scan(lambda module, x, _: (module(x), None), variable_axes={True: 0},
+                       split_rngs={'params': True}, length=blocks - 1)
+        x, _ = scan(block(strides=1, name=f'stage{i + 1}_block2to{blocks}'), x, None)
+      else:
+        for j in range(2, blocks + 1):
+          x = block(strides=1, name=f'stage{i + 1}_block{j}')(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='fc')(x)
     return x.astype(jnp.float32)
+
+
+_BLOCK = re.compile(r'stage(\d+)_block(\d+)')
+_SCANNED = re.compile(r'stage(\d+)_block2to(\d+)')
+
+
+def stack_blocks(tree):
+  """One collection (params, batch_stats, an optimizer's copy of them) of the unscanned net in the layout of
+  `scan_blocks=True`, where each stage's blocks 2..n are one module with a leading axis: checkpoints load
+  across the switch. A scanned net's fresh init draws different (equally distributed) weights."""
+  out, stages = {}, {}
+  for name, sub in tree.items():
+    m = _BLOCK.fullmatch(name)
+    if m and int(m[2]) > 1:
+      stages.setdefault(m[1], {})[int(m[2])] = sub
+    else:
+      out[name] = sub
+  for i, blocks in stages.items():
+    ordered = [blocks[j] for j in sorted(blocks)]
+    out[f'stage{i}_block2to{max(blocks)}'] = jax.tree.map(lambda *xs: jnp.stack(xs), *ordered)
+  return out
+
+
+def unstack_blocks(tree):
+  """The inverse of stack_blocks; it also splits sown collections (intermediates, bn_moments) per block."""
+  out = {}
+  for name, sub in tree.items():
+    m = _SCANNED.fullmatch(name)
+    if not m:
+      out[name] = sub
+      continue
+    for j in range(2, int(m[2]) + 1):
+      out[f'stage{m[1]}_block{j}'] = jax.tree.map(lambda x, j=j: x[j - 2], sub)
+  return out
 
 
 def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
@@ -214,10 +267,15 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     (stages, bottleneck), widths, stem = IMAGENET_STAGES[depth], (64, 128, 256, 512), 'imagenet'
   else:
     raise ValueError(f"Unknown model family {family!r}: use 'cifar' or 'imagenet'.")
+  remat, scan_blocks = model_config.get('remat', False), model_config.get('scan_blocks', False)
+  for field, value in (('remat', remat), ('scan_blocks', scan_blocks)):
+    if value not in (True, False):
+      raise ValueError(f'model.{field} must be True or False, got {value!r}.')
   return ResNet(
       stage_sizes=stages, widths=widths, block=BottleneckBlock if bottleneck else BasicBlock, stem=stem,
       num_classes=model_config.num_classes, residual=model_config.residual, shortcut=shortcut,
       stride_on_3x3=model_config.stride_on_3x3, init_mode=model_config.init_mode,
       zero_init_last_bn=model_config.zero_init_last_bn, dtype=jnp.dtype(model_config.dtype),
       param_dtype=jnp.dtype(model_config.param_dtype), bn_axis_name=bn_axis_name,
-      bn_group_size=model_config.get('bn_group_size') or None)
+      bn_group_size=model_config.get('bn_group_size') or None, remat=bool(remat),
+      scan_blocks=bool(scan_blocks))
