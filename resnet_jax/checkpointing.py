@@ -59,6 +59,7 @@ def _move_aside(mngr, step):
 
 def restore_or_init(workdir, keep, state, mesh):
   """(manager, state): the newest readable checkpoint of `workdir`, else `state` placed on the mesh."""
+  parallel.sync_processes('restore_or_init')  # device_put of a global array is a collective
   state = jax.device_put(state, parallel.replicated(mesh))
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   while True:

@@ -3,6 +3,7 @@
 The step is written per device, as under pmap (axis 'batch'), and mapped with `jax.shard_map` under
 `jax.jit`. State is replicated (spec P()), batches are split along the batch axis (spec P('batch')).
 """
+import itertools
 import queue
 import threading
 
@@ -24,6 +25,22 @@ def replicated(mesh):
 
 def data_sharded(mesh):
   return NamedSharding(mesh, P(AXIS))
+
+
+_barriers = itertools.count()  # every process calls sync_processes in the same order: the same numbers
+
+
+def sync_processes(name: str, timeout_s: int = 600):
+  """Waits until every process reaches `name`: at the coordination service, not with a collective.
+
+  gloo's CPU collectives give up after a fixed 30 s, so processes that drifted apart (imports, data loading
+  and model init on a busy machine) must meet here before their first collective. A no-op in one process.
+  """
+  if jax.process_count() > 1:
+    # The coordination client has no public handle; orbax reaches it the same way.
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    client = distributed.global_state.client
+    client.wait_at_barrier(f'{name}-{next(_barriers)}', timeout_in_ms=timeout_s * 1000)
 
 
 def map_step(fn, mesh, in_specs, out_specs, donate_argnums=()):

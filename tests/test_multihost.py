@@ -1,0 +1,127 @@
+"""Two processes on one machine (loopback, gloo collectives, 2 CPU devices each) train as one with 4 devices.
+
+The processes run the real CLI (`resnet_jax.main` with --coordinator_address, --num_processes, --process_id);
+TensorFlow is kept out of them, as on the lent GPU machines, since importing it would cost each one seconds.
+"""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from conftest import REPO
+from helpers import as_flags, checkpoint_steps, small_run
+from resnet_jax import models, optim, parallel, train, writers
+
+TIMEOUT = 300  # seconds for both processes together; both are killed past it or when either fails
+_MAIN = ("import runpy, sys; sys.modules['tensorflow'] = None; sys.argv[0] = 'resnet_jax.main'; "
+         "runpy.run_module('resnet_jax.main', run_name='__main__')")  # python -m resnet_jax.main, without TF
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, config, address, process_id, log):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu',
+         'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',  # today's default, named so that it stays
+         'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir or '',  # conftest's cache
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
+  cmd = [sys.executable, '-c', _MAIN, '--config=configs/cifar10_20.py', f'--workdir={workdir}',
+         *as_flags(config), f'--coordinator_address={address}', '--num_processes=2',
+         f'--process_id={process_id}']
+  with open(log, 'w') as f:  # a file, not a pipe, which a chatty process could fill and block on
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=f)
+
+
+def wait_all(procs, timeout):
+  """The return codes, None for a process killed because its peer failed or the time ran out."""
+  deadline = time.time() + timeout
+  try:
+    while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+      assert time.time() < deadline, f'the two processes did not finish in {timeout} s'
+      time.sleep(0.1)
+    return [p.poll() for p in procs]
+  finally:
+    kill(procs)
+
+
+def train_two_processes(workdir, config, tries=2):
+  """(the workdir, process 0's and 1's logs). A rendezvous timeout is retried: gloo waits a fixed 30 s for
+  its peer at the first collective, which processes that drifted apart on a busy machine can miss (see
+  parallel.sync_processes)."""
+  for attempt in range(tries):
+    address, run = f'127.0.0.1:{free_port()}', workdir / f'attempt{attempt}'
+    logs = [workdir / f'attempt{attempt}-process{i}.log' for i in range(2)]
+    run.mkdir(parents=True)
+    codes = wait_all([start(run, config, address, i, logs[i]) for i in range(2)], TIMEOUT)
+    logs = [log.read_text() for log in logs]
+    if not any(codes):
+      return run, logs
+    failed = [log for code, log in zip(codes, logs) if code]
+    if attempt == tries - 1 or not any('Gloo context initialization failed' in log for log in failed):
+      raise AssertionError(f'a process failed ({codes}):\n{not_info(failed[0])[-4000:]}')
+
+
+def not_info(log):
+  return '\n'.join(l for l in log.splitlines() if not re.match(r'I\d{4} ', l))
+
+
+def kill(procs):
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def saved_state(workdir, step):
+  """A checkpoint as numpy arrays: its saved sharding names devices of the 2-process job, absent here."""
+  path = workdir / 'checkpoints' / str(step) / 'default'
+  tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path, monkeypatch):
+  config = small_run(train__num_steps=4, train__eval_every_steps=4, train__checkpoint_every_steps=2)
+  single = tmp_path / 'one_process'
+  monkeypatch.setattr(writers, '_tensorflow_available', lambda: False)
+  train.train_and_evaluate(config, str(single), mesh=parallel.make_mesh(jax.devices()[:4]))
+  multi, (stderr_0, stderr_1) = train_two_processes(tmp_path / 'two_processes', config)
+
+  assert checkpoint_steps(multi) == checkpoint_steps(single) == [2, 4]
+  results = json.loads((multi / 'results.json').read_text())
+  assert results['process_count'] == 2 and results['device_count'] == 4
+  rows = [json.loads(l) for l in (multi / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['split']) for r in rows] == [(2, 'train'), (4, 'train'), (4, 'test')]  # no doubles
+  assert '[4] test' in stderr_0 and '[4] test' not in stderr_1  # process 1 logs no metrics either
+  single_rows = [json.loads(l) for l in (single / 'metrics.jsonl').read_text().splitlines()]
+  for a, b in zip(rows, single_rows):
+    np.testing.assert_allclose([a['loss'], a['error']], [b['loss'], b['error']], rtol=1e-4)
+
+  # Not bit-identical: gloo adds the 4 devices' values as (d0 + d1) + (d2 + d3), XLA's in-process all-reduce
+  # as ((d0 + d1) + d2) + d3. That last-bit difference can flip a ReLU whose input sits at the kink (a
+  # channel that is constant over the batch normalises to 0 +- rounding: measured, a 0.4% change of one
+  # kernel's gradient, gone when the images get 1e-3 noise; float64 shows it too). So the runs are compared
+  # by how far they moved: a real fault (a missed or doubled all-reduce, a wrong share) is of the order of
+  # the update itself, the flip well under 1% of it.
+  a, b = saved_state(multi, 4), saved_state(single, 4)
+  assert int(a['step']) == 4 and jax.tree.structure(a) == jax.tree.structure(b)
+  model = models.create(config.model, bn_axis_name=parallel.AXIS)
+  init = jax.device_get(train.create_train_state(config, model, optim.create(config.optimizer),
+                                                 jax.random.key(config.seed)))
+  for name, x, y, x0 in (('params', a['params'], b['params'], init.params),
+                         ('batch_stats', a['batch_stats'], b['batch_stats'], init.batch_stats),
+                         ('momentum', a['opt_state'], b['opt_state'], init.opt_state)):
+    x, y, x0 = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(t) if np.asarray(v).dtype == np.float32])
+                for t in (x, y, x0))
+    moved = np.linalg.norm(y - x0)
+    assert moved > 0 and np.linalg.norm(x - y) < 0.02 * moved, (name, np.linalg.norm(x - y) / moved)
