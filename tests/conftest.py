@@ -7,12 +7,14 @@ import tarfile
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+_CACHE = pathlib.Path(os.environ.get('RESNET_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'resnet_jax_tests'))
+# A persistent compilation cache, set in the environment so that the CLI processes the tests start share it:
+# each would otherwise compile the same ResNet-8 steps again.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(_CACHE / 'jax'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-_CACHE = pathlib.Path(os.environ.get('RESNET_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'resnet_jax_tests'))
-jax.config.update('jax_compilation_cache_dir', str(_CACHE / 'jax'))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get('RESNET_JAX_SHARED_DATA', REPO.parent / 'shared' / 'data'))

@@ -14,9 +14,9 @@ tf = pytest.importorskip('tensorflow')
 
 def _config(folder, cache, **data):
   config = default.get_imagenet_config()
-  config.data.update(source='image_folder', image_folder=str(folder), train_split='val', eval_split='val',
-                     cache_dir=str(cache), image_size=64, scale_min=72, scale_max=136, eval_resize=72,
-                     eval_scales=(48, 64), **data)
+  config.data.update({'source': 'image_folder', 'image_folder': str(folder), 'train_split': 'val',
+                      'eval_split': 'val', 'cache_dir': str(cache), 'image_size': 64, 'scale_min': 72,
+                      'scale_max': 136, 'eval_resize': 72, 'eval_scales': (48, 64), **data})
   return config
 
 
@@ -166,8 +166,10 @@ def test_plateau_rule():
 
 
 def test_resnet18_memorises_the_sample(imagenet_sample_folder, tmp_path):
-  """The paper's ImageNet pipeline and loop at a 64-pixel crop: 60 steps cut the training loss by >= 30%."""
-  config = _config(imagenet_sample_folder, tmp_path / 'cache')
+  """The paper's ImageNet pipeline and loop at a 32-pixel crop (a CPU budget; the 112-pixel run is in the
+  closing note of the ImageNet issue): 60 steps cut the training loss by >= 30%."""
+  config = _config(imagenet_sample_folder, tmp_path / 'cache', image_size=32, scale_min=36, scale_max=68,
+                   eval_resize=36)
   config.model.depth = 18
   config.train.update(batch_size=16, eval_batch_size=64, num_steps=60, log_every_steps=10, eval_every_steps=60,
                       checkpoint_every_steps=60, bn_stats_images=32)
