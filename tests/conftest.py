@@ -13,7 +13,6 @@ _CACHE = pathlib.Path(os.environ.get('RESNET_JAX_TEST_CACHE', pathlib.Path.home(
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(_CACHE / 'jax'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
