@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_jax import models
-from resnet_jax.models import IMAGENET_STAGES
 
 
 def _conv(cin, cout, k, stride=1, padding=0, init_mode='fan_in'):
@@ -135,24 +134,12 @@ class ResNet(nn.Module):
 
 def build(model_config) -> ResNet:
   """The twin of `models.create(model_config)` (a config's `model` section); float32, NCHW input."""
-  family, depth, option = model_config.family, model_config.depth, model_config.shortcut
   if model_config.get('bn_group_size'):
     raise ValueError('the torch twin has no ghost BN: set model.bn_group_size=0.')
-  if option not in ('A', 'B', 'C'):
-    raise ValueError(f"Unknown shortcut option {option!r}: use 'A', 'B' or 'C'.")
-  if family == 'cifar':
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-      raise ValueError(f'CIFAR ResNet depth must be 6n+2, got {depth}.')
-    stages, bottleneck, widths, stem = ((depth - 2) // 6,) * 3, False, (16, 32, 64), 'cifar'
-  elif family == 'imagenet':
-    if depth not in IMAGENET_STAGES:
-      raise ValueError(f'ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}.')
-    (stages, bottleneck), widths, stem = IMAGENET_STAGES[depth], (64, 128, 256, 512), 'imagenet'
-  else:
-    raise ValueError(f"Unknown model family {family!r}: use 'cifar' or 'imagenet'.")
-  return ResNet(stages, widths, BottleneckBlock if bottleneck else BasicBlock, stem, model_config.num_classes,
-                residual=model_config.residual, shortcut=option, stride_on_3x3=model_config.stride_on_3x3,
-                init_mode=model_config.init_mode, zero_init_last_bn=model_config.zero_init_last_bn)
+  ours = models.create(model_config)  # validates the config; the twin takes its stages, widths and block
+  block = BottleneckBlock if ours.block is models.BottleneckBlock else BasicBlock
+  return ResNet(ours.stage_sizes, ours.widths, block, ours.stem, ours.num_classes, residual=ours.residual, shortcut=ours.shortcut,
+                stride_on_3x3=ours.stride_on_3x3, init_mode=ours.init_mode, zero_init_last_bn=ours.zero_init_last_bn)
 
 
 def num_params(net) -> int:
