@@ -138,8 +138,8 @@ def build(model_config) -> ResNet:
     raise ValueError('the torch twin has no ghost BN: set model.bn_group_size=0.')
   ours = models.create(model_config)  # validates the config; the twin takes its stages, widths and block
   block = BottleneckBlock if ours.block is models.BottleneckBlock else BasicBlock
-  return ResNet(ours.stage_sizes, ours.widths, block, ours.stem, ours.num_classes, residual=ours.residual, shortcut=ours.shortcut,
-                stride_on_3x3=ours.stride_on_3x3, init_mode=ours.init_mode, zero_init_last_bn=ours.zero_init_last_bn)
+  return ResNet(ours.stage_sizes, ours.widths, block, ours.stem, ours.num_classes, residual=ours.residual,
+                shortcut=ours.shortcut, stride_on_3x3=ours.stride_on_3x3, init_mode=ours.init_mode, zero_init_last_bn=ours.zero_init_last_bn)
 
 
 def num_params(net) -> int:
