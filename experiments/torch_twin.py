@@ -139,7 +139,8 @@ def build(model_config) -> ResNet:
   ours = models.create(model_config)  # validates the config; the twin takes its stages, widths and block
   block = BottleneckBlock if ours.block is models.BottleneckBlock else BasicBlock
   return ResNet(ours.stage_sizes, ours.widths, block, ours.stem, ours.num_classes, residual=ours.residual,
-                shortcut=ours.shortcut, stride_on_3x3=ours.stride_on_3x3, init_mode=ours.init_mode, zero_init_last_bn=ours.zero_init_last_bn)
+                shortcut=ours.shortcut, stride_on_3x3=ours.stride_on_3x3, init_mode=ours.init_mode,
+                zero_init_last_bn=ours.zero_init_last_bn)
 
 
 def num_params(net) -> int:
