@@ -1,9 +1,9 @@
 """ImageNet plain-34: ResNet-34's layers without shortcuts (Tables 2 and 3, Fig. 4 left)."""
-from configs import default
+from resnet_jax import defaults
 
 
 def get_config():
-  config = default.get_imagenet_config()
+  config = defaults.get_imagenet_config()
   config.name = 'imagenet_plain34'
   config.model.depth = 34
   config.model.shortcut = 'A'

@@ -1,9 +1,9 @@
 """ImageNet ResNet-50, bottleneck blocks, option B, stride on the first 1x1 (Tables 3-5)."""
-from configs import default
+from resnet_jax import defaults
 
 
 def get_config():
-  config = default.get_imagenet_config()
+  config = defaults.get_imagenet_config()
   config.name = 'imagenet_resnet50'
   config.model.depth = 50
   config.model.shortcut = 'B'

@@ -33,7 +33,7 @@ import flax
 import jax
 import numpy as np
 
-from configs import default
+from resnet_jax import defaults
 from resnet_jax import models, optim, parallel, summary, train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -103,7 +103,7 @@ def parse_grid(text):
 
 def make_config(spec):
   """The experiment config of `spec`: the paper's recipe with SGD in PyTorch's form (as the twin's)."""
-  config = default.get_config() if spec.family == 'cifar' else default.get_imagenet_config()
+  config = defaults.get_config() if spec.family == 'cifar' else defaults.get_imagenet_config()
   config.model.depth = spec.depth
   config.model.dtype = spec.dtype
   config.data.image_size = spec.image_size

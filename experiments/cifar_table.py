@@ -17,7 +17,6 @@ that one command does it, anywhere.
 """
 import argparse
 import datetime
-import importlib
 import json
 import pathlib
 import re
@@ -27,7 +26,9 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # noqa: E402
+
+from resnet_jax import defaults  # noqa: E402
 
 DEPTHS = (20, 32, 44, 56, 110, 1202)
 PAPER = {20: '8.75', 32: '7.51', 44: '7.17', 56: '6.97', 110: '6.43 (6.61 ± 0.16)', 1202: '7.93'}  # Table 6
@@ -37,7 +38,7 @@ RECIPE = ('model', 'optimizer', 'train.batch_size', 'train.num_steps', 'data.nam
 
 def reference(depth):
   """configs/cifar10_<depth>.py's config as plain JSON values (tuples as lists, like config.json)."""
-  config = importlib.import_module(f'configs.cifar10_{depth}').get_config()
+  config = defaults.load_file(ROOT / 'configs' / f'cifar10_{depth}.py')
   return json.loads(config.to_json_best_effort())
 
 

@@ -26,30 +26,11 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from resnet_jax import checkpointing, input_pipeline, models  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def load_variables(workdir):
-  """{'params', 'batch_stats'} of the latest checkpoint, as host arrays.
-
-  Restored onto one local device by the saved shapes: without a target orbax wants the devices that saved
-  the checkpoint (a run trained on 8 GPUs would not load on a laptop).
-  """
-  root = pathlib.Path(workdir) / 'checkpoints'
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
-  if not steps:
-    raise FileNotFoundError(f'{root} holds no checkpoint; train the run first.')
-  path, checkpointer = root / str(steps[-1]) / 'default', ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        checkpointer.metadata(path).item_metadata.tree)
-  state = checkpointer.restore(path, target)
-  return {k: jax.tree.map(np.asarray, state[k]) for k in ('params', 'batch_stats')}
+from resnet_jax import checkpointing, data, defaults, models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _block_order(name):
@@ -91,13 +72,13 @@ def _merge(a, b):
 
 def layer_stds(workdir, num_images=1000, batch_size=200):
   """The std of each 3x3 layer's response (per channel over images and positions, averaged over channels)."""
-  config = checkpointing.load_config(workdir)
-  ds = input_pipeline.load(config.data, config.seed)
+  config = defaults.from_workdir(workdir)
+  ds = data.load(config.data, config.seed)
   ds = dataclasses.replace(ds, eval_images=ds.eval_images[:num_images], eval_labels=ds.eval_labels[:num_images])
   moments = make_moments_fn(models.create(config.model))
-  variables = load_variables(workdir)
+  variables = checkpointing.open_workdir(workdir, config).variables
   totals = {}
-  for batch in input_pipeline.eval_batches(ds, batch_size):
+  for batch in ds.eval_batches(batch_size):
     for block, stats in jax.device_get(moments(variables, batch['image'], batch['mask'])).items():
       stats = [tuple(np.asarray(x, np.float64) for x in s) for s in stats]
       totals[block] = stats if block not in totals else [_merge(t, s) for t, s in zip(totals[block], stats)]
@@ -107,7 +88,7 @@ def layer_stds(workdir, num_images=1000, batch_size=200):
 
 def run_labels(workdirs):
   """Config names, with the workdir's basename added where two runs share one."""
-  names = [checkpointing.load_config(w).get('name', pathlib.Path(w).name) for w in workdirs]
+  names = [defaults.from_workdir(w).get('name', pathlib.Path(w).name) for w in workdirs]
   return [f'{n} ({pathlib.Path(w).name})' if names.count(n) > 1 else n for n, w in zip(names, workdirs)]
 
 

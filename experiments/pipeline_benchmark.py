@@ -23,8 +23,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
-from resnet_jax import imagenet_input, input_pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
+from resnet_jax import defaults  # noqa: E402
+from resnet_jax import data
+from resnet_jax.data import imagenet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _repeat(split, n):
@@ -53,10 +54,10 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     with tarfile.open(args.tar) as f:
       f.extractall(tmp, filter='data')
-    config = default.get_imagenet_config()
+    config = defaults.get_imagenet_config()
     config.data.update(source='image_folder', image_folder=os.path.join(tmp, 'imagenet-sample'),
                        train_split='val', eval_split='val', cache_dir=tmp)
-    ds = input_pipeline.load(config.data, 0)
+    ds = data.load(config.data, 0)
     ds.train, ds.eval = _repeat(ds.train, args.images), _repeat(ds.eval, args.images)
     rows = []
     for threads, label in ((1, '1 thread'), (0, f'all {cores} cores')):
@@ -66,7 +67,7 @@ def main():
           'train (scale aug. + lighting)': lambda: ds.train_batches(0, args.batch, 0),
           'eval 1-crop': lambda: ds.eval_batches(args.batch, mode='1crop'),
           'eval 10-crop': lambda: ds.view_batches(
-              lambda tf, d: imagenet_input.ten_crop_view(tf, d, config.data, ds.mean_image), (10, *crop),
+              lambda tf, d: imagenet.ten_crop_view(tf, d, config.data, ds.mean_image), (10, *crop),
               args.batch // 4),
       }
       for name, make in cases.items():

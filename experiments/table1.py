@@ -3,14 +3,13 @@
   python experiments/table1.py   # writes experiments/results/table1.md
 """
 import datetime
-import importlib
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from resnet_jax import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnet_jax import defaults, summary  # noqa: E402
 
 PAPER_GFLOPS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}  # Table 1, multiply-adds x10^9
 PAPER_CIFAR_PARAMS = {20: '0.27M', 32: '0.46M', 44: '0.66M', 56: '0.85M', 110: '1.7M', 1202: '19.4M'}
@@ -20,7 +19,7 @@ IMAGENET = ['plain18', 'resnet18', 'plain34', 'resnet34a', 'resnet34b', 'resnet3
 
 def rows(names):
   for name in names:
-    config = importlib.import_module(f'configs.{name}').get_config()
+    config = defaults.load_file(ROOT / 'configs' / f'{name}.py')
     _, params, macs = summary.count(config)
     yield name, config, params, macs
 

@@ -6,7 +6,10 @@ with its batch's statistics, as in training) over K training images with the tra
 updating weights; every BN layer's mean is the average of its batch means and its variance the average of
 its batch mean squares minus the mean squared: the exact moments over all K images.
 
-  python -m resnet_jax.bn_stats --workdir=DIR [--num_images=10000]   # on the latest checkpoint
+  python -m resnet_jax.bn_stats --workdir=DIR [--num_images=10000]   # on the newest checkpoint
+
+The command reads the run (never changes its checkpoints) and writes only its own outputs: bn_stats.json
+and the recomputed state under bn_recomputed/<step>/.
 """
 import json
 import os
@@ -16,7 +19,9 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import input_pipeline, parallel
+import orbax.checkpoint as ocp
+
+from resnet_jax import checkpointing, cli, data, evaluate, models, parallel
 
 
 def recompute(model, params, batch_stats, batches, mesh):
@@ -47,31 +52,53 @@ def training_batches(ds, config, num_images):
   batch = config.train.batch_size
   if num_images < batch:
     raise ValueError(f'bn_stats_images={num_images} is smaller than one global batch ({batch}).')
-  gen = input_pipeline.train_batches(ds, 0, batch, config.seed + 1, jax.process_index(), jax.process_count())
+  gen = ds.train_batches(0, batch, config.seed + 1, jax.process_index(), jax.process_count())
   return [next(gen) for _ in range(num_images // batch)]
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from resnet_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
-  workdir = flags.FLAGS.workdir
-  config = checkpointing.load_config(workdir)
-  before, after, state, ds, mesh = train.recalibrate_checkpoint(config, workdir, flags.FLAGS.num_images)
-  out = os.path.join(os.path.abspath(workdir), 'bn_recomputed', str(int(state.step)))
+def _errors(scores, labels) -> dict:
+  loss = float(np.mean(-np.log(np.maximum(scores[np.arange(len(labels)), labels], 1e-30))))
+  errors = evaluate.errors(scores, labels)
+  return {'error': errors['top1_error'], 'loss': loss, **errors}
+
+
+def recalibrate_workdir(workdir, num_images, mesh=None) -> dict:
+  """Exact BN statistics on the newest checkpoint of `workdir`: the bn_stats.json report."""
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  run = checkpointing.open_workdir(workdir)
+  config = run.config
+  ds = data.load(config.data, config.seed)
+  model = models.create(config.model, bn_axis_name=parallel.AXIS)
+  variables = jax.device_put(run.variables, parallel.replicated(mesh))
+  before = evaluate.evaluate_scores('1crop', model, variables, ds, config, mesh)
+  batches = parallel.prefetch(training_batches(ds, config, num_images), mesh, config.data.prefetch)
+  stats = recompute(model, variables['params'], variables['batch_stats'], batches, mesh)
+  after = evaluate.evaluate_scores('1crop', model, {**variables, 'batch_stats': stats}, ds, config, mesh)
+  out = os.path.join(run.workdir, 'bn_recomputed', str(run.step))
   with ocp.StandardCheckpointer() as checkpointer:  # leaving waits for the asynchronous write
-    checkpointer.save(out, state, force=True)
-  report = {'step': int(state.step), 'num_images': flags.FLAGS.num_images, 'split': ds.eval_split,
-            'moving_average': before, 'recomputed': after, 'checkpoint': out}
-  with open(os.path.join(workdir, 'bn_stats.json'), 'w') as f:
+    checkpointer.save(out, {**run.state, 'batch_stats': stats}, force=True)
+  held = 'recomputed_after_training' if config.train.recompute_bn_stats else 'moving_average'
+  return {'step': run.step, 'num_images': num_images, 'split': ds.eval_split,
+          'checkpoint': {'statistics': held, **_errors(*before)}, 'recomputed': _errors(*after),
+          'recomputed_checkpoint': out}
+
+
+def main(argv):
+  cli.no_arguments(argv, '--workdir and --num_images')
+  from absl import flags  # noqa: PLC0415
+
+  try:
+    report = recalibrate_workdir(flags.FLAGS.workdir, flags.FLAGS.num_images)
+  except (FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  with open(os.path.join(os.path.abspath(flags.FLAGS.workdir), 'bn_stats.json'), 'w') as f:
     json.dump(report, f, indent=2)
   print(json.dumps(report))
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  flags.DEFINE_string('workdir', None, 'A training workdir (config.json + checkpoints).')
+  from absl import flags  # noqa: PLC0415
+
+  cli.define_workdir_flag('A training workdir (config.json + checkpoints).')
   flags.DEFINE_integer('num_images', 10_000, 'Training images to average the statistics over.')
-  flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run(main)

@@ -1,30 +1,46 @@
-"""Checkpoints that survive the failures of long preemptible runs.
+"""Checkpoints: training writes them and survives failures; tools only read them.
 
+Training (`restore_or_init`, `save`):
 - A damaged latest checkpoint is moved aside to checkpoints/corrupt/ (never deleted) and the previous one
   is used: orbax's save() on an existing step does nothing, so a bad step left in place stays "latest".
-- A checkpoint of another network (a reused workdir) is refused before anything in the workdir changes.
+- A checkpoint of another network (a reused workdir) is refused before anything in the workdir changes;
+  one of the same network in the other `model.scan_blocks` layout is converted.
 - SIGTERM/SIGINT ask the loop to save and stop after the current step (orbax's own preemption check works
   only under jax.distributed, so a single process needs its own handler).
+
+Tools (`open_workdir`): the config and the newest complete, readable checkpoint of a finished or running
+run; a damaged one is named and skipped, nothing in the workdir is created, moved or deleted.
 """
+import dataclasses
 import os
 import signal
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from resnet_jax import parallel
+from resnet_jax import defaults, models, parallel
 
 
 class CheckpointMismatch(ValueError):
   """The workdir holds a checkpoint of a different model or optimizer."""
 
 
+def checkpoint_dir(workdir) -> str:
+  """Absolute: orbax reads no metadata from a relative path."""
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
+
+
 def manager(workdir, keep):
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
+
+
+def save(mngr, state, step):
+  mngr.save(step, args=ocp.args.StandardSave(state))
 
 
 def _shapes(tree):
@@ -33,20 +49,30 @@ def _shapes(tree):
   return {'/'.join(map(name, path)): tuple(v.shape) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_matches(mngr, step, target, workdir):
-  """Compares the saved tree's names and shapes with the target's; raises CheckpointMismatch."""
+def _restore_target(mngr, step, target, workdir):
+  """(target to restore `step` into, the scan_blocks layout to convert it to afterwards or None).
+
+  The target itself, or its other `model.scan_blocks` layout when the checkpoint has that one; raises
+  CheckpointMismatch for another network; (None, None) for unreadable metadata.
+  """
   try:
-    saved = mngr.item_metadata(step)
-  except Exception:  # pylint: disable=broad-except  # unreadable metadata: treated as damage by the caller
-    return False
-  saved, wanted = _shapes(saved), _shapes(target)
-  if saved != wanted:
-    diff = sorted(set(saved.items()) ^ set(wanted.items()))[0][0]
-    raise CheckpointMismatch(
-        f'the checkpoint of step {step} in {workdir} does not match this config (first difference at '
-        f'{diff}): it was written for another network or optimizer; resume it with its own config '
-        f'({os.path.join(workdir, "config.json")}) or choose a new --workdir.')
-  return True
+    saved = _shapes(mngr.item_metadata(step))
+  except Exception:  # noqa: BLE001  # unreadable metadata: treated as damage by the caller
+    return None, None
+  wanted = _shapes(target)
+  if saved == wanted:
+    return target, None
+  sharding = jax.tree.leaves(target)[0].sharding  # the state is replicated
+  for saved_scan in (True, False):
+    other = jax.eval_shape(lambda t, s=saved_scan: models.convert_layout(t, s), target)
+    if saved == _shapes(other):
+      other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), other)
+      return other, not saved_scan
+  diff = sorted(set(saved.items()) ^ set(wanted.items()))[0][0]
+  raise CheckpointMismatch(
+      f'the checkpoint of step {step} in {workdir} does not match this config (first difference at '
+      f'{diff}): it was written for another network or optimizer; resume it with its own config '
+      f'({os.path.join(workdir, "config.json")}) or choose a new --workdir.')
 
 
 def _move_aside(mngr, step):
@@ -60,7 +86,8 @@ def _move_aside(mngr, step):
 def restore_or_init(workdir, keep, state, mesh):
   """(manager, state): the newest readable checkpoint of `workdir`, else `state` placed on the mesh."""
   parallel.sync_processes('restore_or_init')  # device_put of a global array is a collective
-  state = jax.device_put(state, parallel.replicated(mesh))
+  replicated = parallel.replicated(mesh)
+  state = jax.device_put(state, replicated)
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   while True:
     mngr = manager(workdir, keep)
@@ -68,18 +95,78 @@ def restore_or_init(workdir, keep, state, mesh):
     if step is None:
       return mngr, state
     try:
-      if _check_matches(mngr, step, target, workdir):
-        restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+      saved_target, scan_blocks = _restore_target(mngr, step, target, workdir)
+      if saved_target is not None:
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(saved_target))
+        if scan_blocks is not None:  # saved in the other layout
+          restored = jax.jit(lambda t: models.convert_layout(t, scan_blocks), out_shardings=replicated)(restored)
+          logging.info('Converted the checkpoint of step %d to model.scan_blocks=%s.', step, scan_blocks)
         logging.info('Resuming from the checkpoint of step %d in %s.', step, mngr.directory)
         return mngr, restored
     except CheckpointMismatch:
       mngr.close()
       raise
-    except Exception as e:  # pylint: disable=broad-except  # any failure to read means damage
+    except Exception as e:  # noqa: BLE001  # any failure to read means damage
       logging.warning('The checkpoint of step %d cannot be read (%s).', step, str(e).splitlines()[0][:200])
     mngr.close()
     logging.warning('Moved the damaged checkpoint of step %d to %s; trying the previous one.', step,
                     _move_aside(mngr, step))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A workdir opened for reading: its config, and the newest checkpoint that reads (host arrays)."""
+
+  workdir: str
+  config: object
+  step: int
+  state: dict  # the TrainState's fields as nested dicts: 'params', 'batch_stats', 'step', ...
+
+  @property
+  def variables(self) -> dict:
+    """{'params', 'batch_stats'} for model.apply, in the layout of self.config.model.scan_blocks."""
+    return {k: self.state[k] for k in ('params', 'batch_stats')}
+
+
+def _complete_steps(directory) -> list:
+  """Finished checkpoints, newest first: orbax writes into a temporary name and renames when done."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+
+
+def open_workdir(workdir, config=None) -> Run:
+  """The config (config.json unless given) and the newest readable checkpoint of a run, read-only.
+
+  Safe beside a running training: only finished checkpoints are read, and a damaged one is named and
+  skipped, never moved. Arrays come back on the host (numpy), whatever devices saved them.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if config is None:
+    if not os.path.exists(os.path.join(workdir, 'config.json')):
+      raise FileNotFoundError(f'{workdir} holds no config.json: pass the --workdir of a training run.')
+    config = defaults.from_workdir(workdir)
+  directory = checkpoint_dir(workdir)
+  steps = _complete_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f'{workdir} holds no checkpoint yet: train first (python -m resnet_jax.main) or '
+                            'pass the workdir of a trained run.')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  for step in steps:
+    path = os.path.join(directory, str(step), 'default')
+    try:
+      with ocp.StandardCheckpointer() as checkpointer:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              checkpointer.metadata(path).item_metadata.tree)
+        state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
+    except Exception as e:  # noqa: BLE001  # any failure to read: name it, leave it, try the previous one
+      logging.warning('The checkpoint of step %d in %s cannot be read (%s); using an earlier one.', step,
+                      directory, str(e).splitlines()[0][:200])
+      continue
+    state = models.convert_layout(state, bool(config.model.get('scan_blocks', False)))
+    return Run(workdir, config, step, state)
+  raise FileNotFoundError(f'no checkpoint in {directory} can be read (see the warnings above); train again '
+                          'or restore the folder from a backup.')
 
 
 class PreemptionHandler:
@@ -113,26 +200,3 @@ class PreemptionHandler:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-def load_config(workdir):
-  """The config a workdir was trained with (its config.json), on top of today's defaults.
-
-  Fields added to configs/default.py after the run was started take their default values, so tools keep
-  working on older runs; tuples come back as tuples.
-  """
-  import json  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, 'config.json')) as f:
-    saved = json.load(f)
-  config = default.get_config()
-
-  def merge(node, values):
-    for key, value in values.items():
-      if isinstance(value, dict) and key in node:
-        merge(node[key], value)
-      else:
-        node[key] = tuple(value) if isinstance(node.get(key), tuple) else value
-
-  merge(config, saved)
-  return config

@@ -1,6 +1,6 @@
 """The paper's ImageNet test protocols on a workdir's latest checkpoint: 1-crop, 10-crop and multi-scale.
 
-  python -m resnet_jax.evaluate --config=configs/imagenet_resnet50.py --workdir=DIR --mode=10crop
+  python -m resnet_jax.evaluate --workdir=DIR --mode=10crop [--config=configs/imagenet_resnet50.py]
 
 '1crop': shorter side 256, the centre 224 crop. '10crop': the four corners and the centre and their flips,
 softmax scores averaged (the paper's comparisons, Tables 2-4). 'multiscale': the fully-convolutional form
@@ -8,7 +8,8 @@ softmax scores averaged (the paper's comparisons, Tables 2-4). 'multiscale': the
 its flip, scores averaged over scales and flips. Whole images vary in shape, so each is resized to the
 nearest of a few aspect ratios (imagenet_input.ASPECTS, at most ~7% stretch) and images of one shape are
 batched together: one compilation per (scale, shape). Top-1 and top-5 errors count every evaluation image
-exactly once (the last batch is padded and masked). Writes DIR/eval_<mode>.json.
+exactly once (the last batch is padded and masked). It reads the newest complete checkpoint and changes
+nothing in the workdir but writing DIR/eval_<mode>.json; the config is the workdir's unless --config is given.
 """
 import json
 import os
@@ -20,7 +21,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import input_pipeline, parallel
+from resnet_jax import checkpointing, cli, models, parallel
+from resnet_jax import data as data_lib
+from resnet_jax.data import imagenet
 
 MODES = ('1crop', '10crop', 'multiscale')
 
@@ -64,81 +67,83 @@ def _per_batch(images, views, pixels, device_count):
 
 def evaluate_scores(mode, model, variables, ds, config, mesh):
   """[M, classes] averaged softmax scores of every eval image and their labels, for `mode`."""
-  from resnet_jax import imagenet_input  # pylint: disable=g-import-not-at-top
-  pi, pc, dc, size = jax.process_index(), jax.process_count(), mesh.size, config.data.image_size
-  images, prefetch = config.train.eval_batch_size, config.data.prefetch
-  if isinstance(ds, input_pipeline.Dataset):  # CIFAR (or synthetic): the single original view
-    batches = input_pipeline.eval_batches(ds, images, pi, pc)
-    return _scores(scores_fn(model, mesh, False), variables, batches, mesh, prefetch), ds.eval_labels
-  labels = ds.eval_labels()
-  if mode == '1crop':
-    batches = ds.eval_batches(images, pi, pc, '1crop')
+  process_index, process_count = jax.process_index(), jax.process_count()
+  images, prefetch, size = config.train.eval_batch_size, config.data.prefetch, config.data.image_size
+  if mode == 'multiscale':
+    return _multiscale_scores(model, variables, ds, config, mesh), ds.eval_labels
   if mode == '10crop':
-    batches = ds.eval_batches(_per_batch(images, 10, size * size, dc), pi, pc, '10crop')
-  if mode != 'multiscale':
-    return _scores(scores_fn(model, mesh, False), variables, batches, mesh, prefetch), labels
+    images = _per_batch(images, 10, size * size, mesh.size)
+  batches = ds.eval_batches(images, process_index, process_count, mode)
+  return _scores(scores_fn(model, mesh, False), variables, batches, mesh, prefetch), ds.eval_labels
+
+
+def _multiscale_scores(model, variables, ds, config, mesh):
+  process_index, process_count = jax.process_index(), jax.process_count()
   sizes = ds.eval_image_sizes()
   channel_mean = ds.mean_image.mean(axis=(0, 1))
-  fn, total = scores_fn(model, mesh, True), np.zeros((len(labels), ds.num_classes), np.float64)
+  fn, total = scores_fn(model, mesh, True), np.zeros((len(ds.eval_labels), ds.num_classes), np.float64)
   for scale in config.data.eval_scales:
-    shapes = [imagenet_input.bucket_shape(h, w, scale) for h, w in sizes]
+    shapes = [imagenet.bucket_shape(h, w, scale) for h, w in sizes]
     for h, w in sorted(set(shapes)):
       index = [i for i, s in enumerate(shapes) if s == (h, w)]
-      view = lambda tf, d, h=h, w=w: imagenet_input.scale_view(tf, d, h, w, channel_mean)  # noqa: E731
-      batches = ds.view_batches(view, (h, w, 3), _per_batch(images, 2, h * w, dc), pi, pc, index)
-      total[index] += _scores(fn, variables, batches, mesh, prefetch)
-  return total / len(config.data.eval_scales), labels
+      view = lambda tf, d, h=h, w=w: imagenet.scale_view(tf, d, h, w, channel_mean)  # noqa: E731
+      per_batch = _per_batch(config.train.eval_batch_size, 2, h * w, mesh.size)
+      batches = ds.view_batches(view, (h, w, 3), per_batch, process_index, process_count, index)
+      total[index] += _scores(fn, variables, batches, mesh, config.data.prefetch)
+  return total / len(config.data.eval_scales)
 
 
-def evaluate_checkpoint(config, workdir, mode, mesh=None) -> dict:
-  """Evaluates the latest checkpoint of `workdir` and writes workdir/eval_<mode>.json."""
-  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+def evaluate_workdir(workdir, mode, config=None, mesh=None) -> dict:
+  """Evaluates the newest readable checkpoint of `workdir` and writes workdir/eval_<mode>.json."""
   mesh = parallel.make_mesh() if mesh is None else mesh
-  ds, model, _, manager, state = train._setup(config, workdir, mesh)  # pylint: disable=protected-access
-  step = manager.latest_step()
-  manager.close()
-  if step is None:
-    raise FileNotFoundError(f'{workdir} holds no checkpoint; train first (python -m resnet_jax.main) or pass '
-                            'the workdir of a trained run.')
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  run = checkpointing.open_workdir(workdir, config)
+  config = run.config
+  ds = data_lib.load(config.data, config.seed)
+  if mode not in ds.eval_modes:
+    raise ValueError(f'--mode={mode} needs ImageNet images (data.name=imagenet2012 with data.source tfds or '
+                     'image_folder); CIFAR and synthetic data have one view: use --mode=1crop.')
+  model = models.create(config.model, bn_axis_name=parallel.AXIS)
+  variables = jax.device_put(run.variables, parallel.replicated(mesh))
   scores, labels = evaluate_scores(mode, model, variables, ds, config, mesh)
-  result = {'mode': mode, **errors(scores, labels), 'step': int(step), 'split': ds.eval_split,
+  result = {'mode': mode, **errors(scores, labels), 'step': run.step, 'split': ds.eval_split,
             'config': config.name}
   if mode == 'multiscale':
     result['scales'] = list(config.data.eval_scales)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_{mode}.json'), 'w') as f:
+    with open(os.path.join(run.workdir, f'eval_{mode}.json'), 'w') as f:
       json.dump(result, f, indent=2)
   return result
 
 
-def _main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from resnet_jax import main as cli, validate  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}: options are --config, --workdir, --mode and --config.<field>=.')
-  config, workdir, mode = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode
+def main(argv):
+  cli.no_arguments(argv, '--workdir, --mode, --config and --config.<field>=<value>')
+  from absl import flags  # noqa: PLC0415
+
+  from resnet_jax import validate  # noqa: PLC0415
+
+  workdir, mode = flags.FLAGS.workdir, flags.FLAGS.mode
+  config = cli.config_or_workdir(workdir)
   try:
     validate.check(config)
   except validate.ConfigError as e:
     cli.fail(str(e))
-  if mode != '1crop' and not input_pipeline.streamed(config.data):
+  if mode != '1crop' and not data_lib.streamed(config.data):
     cli.fail(f'--mode={mode} needs ImageNet images (data.name=imagenet2012 with data.source tfds or '
              'image_folder); CIFAR and synthetic data have one view: use --mode=1crop.')
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    cli.fail(f'{workdir} holds no checkpoints/; pass the --workdir of a trained run.')
   cli.initialize_distributed()
-  from resnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
   try:
-    input_pipeline.check(config.data)
-    print(json.dumps(evaluate_checkpoint(config, workdir, mode)))
-  except (input_pipeline.DataError, FileNotFoundError, checkpointing.CheckpointMismatch) as e:
+    data_lib.check(config.data)
+    print(json.dumps(evaluate_workdir(workdir, mode, config)))
+  except (data_lib.DataError, FileNotFoundError) as e:
     cli.fail(str(e))
   sys.stdout.flush()
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from resnet_jax import main as _cli  # pylint: disable=g-import-not-at-top  # defines --config and --workdir
+  from absl import flags  # noqa: PLC0415
+
+  cli.define_config_flag(required=False)
+  cli.define_workdir_flag('The workdir of a training run (its config.json and checkpoints).')
+  cli.define_distributed_flags()
   flags.DEFINE_enum('mode', '1crop', MODES, 'The test protocol: 1crop, 10crop or multiscale.')
-  app.run(_main, flags_parser=_cli.parse_flags)
+  cli.run(main)

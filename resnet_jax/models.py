@@ -222,8 +222,8 @@ _SCANNED = re.compile(r'stage(\d+)_block2to(\d+)')
 
 def stack_blocks(tree):
   """One collection (params, batch_stats, an optimizer's copy of them) of the unscanned net in the layout of
-  `scan_blocks=True`, where each stage's blocks 2..n are one module with a leading axis: checkpoints load
-  across the switch. A scanned net's fresh init draws different (equally distributed) weights."""
+  `scan_blocks=True`, where each stage's blocks 2..n are one module with a leading axis. A scanned net's
+  fresh init draws different (equally distributed) weights."""
   out, stages = {}, {}
   for name, sub in tree.items():
     m = _BLOCK.fullmatch(name)
@@ -248,6 +248,17 @@ def unstack_blocks(tree):
     for j in range(2, int(m[2]) + 1):
       out[f'stage{m[1]}_block{j}'] = jax.tree.map(lambda x, j=j: x[j - 2], sub)
   return out
+
+
+def _holds_blocks(x):
+  return isinstance(x, dict) and any(_BLOCK.fullmatch(k) or _SCANNED.fullmatch(k) for k in x)
+
+
+def convert_layout(tree, scan_blocks: bool):
+  """Any tree holding the network's modules (a TrainState, a checkpoint, an optimizer state) in the layout
+  of `scan_blocks`: a checkpoint of either layout resumes or evaluates under the other."""
+  convert = stack_blocks if scan_blocks else unstack_blocks
+  return jax.tree.map(lambda x: convert(x) if _holds_blocks(x) else x, tree, is_leaf=_holds_blocks)
 
 
 def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:

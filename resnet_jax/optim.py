@@ -39,8 +39,6 @@ def plateau_after(opt_config, plateau: Plateau, error: float) -> Plateau:
     drops, waited = drops + 1, 0
   return Plateau(np.int32(drops), np.float32(best), np.int32(waited))
 
-MOMENTUM_STYLES = ('caffe', 'pytorch', 'dampened')
-
 
 def decay_mask(params):
   """Weight decay on conv and dense kernels only (not BN scale/bias, not the dense bias)."""
@@ -50,8 +48,6 @@ def decay_mask(params):
 
 def create(opt_config) -> optax.GradientTransformation:
   """SGD whose learning rate sits in the optimizer state (`opt_state.hyperparams['learning_rate']`)."""
-  if opt_config.momentum_style not in MOMENTUM_STYLES:
-    raise ValueError(f'Unknown momentum_style {opt_config.momentum_style!r}: use one of {MOMENTUM_STYLES}.')
 
   def sgd(learning_rate):
     decay = optax.add_decayed_weights(opt_config.weight_decay, mask=decay_mask)  # Caffe's L2, before momentum

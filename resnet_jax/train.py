@@ -24,8 +24,9 @@ from absl import logging
 from clu import metrics
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import (bn_stats, checkpointing, device_data, input_pipeline, models, optim, parallel, precision,
-                        validate, writers)
+from resnet_jax import bn_stats, checkpointing, models, optim, parallel, precision, validate, writers
+from resnet_jax import data as data_lib
+from resnet_jax.data import on_device
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -90,11 +91,12 @@ def train_step(state, batch, *, model, tx, opt_config, skip_nonfinite=False, sca
   lr = optim.learning_rate(opt_config, state.step, state.warmup_done, state.plateau.drops)
 
   def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-                                  train=True, mutable=['batch_stats'])
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, updates = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
     logits = logits.astype(jnp.float32)
     loss = jax.lax.pmean(cross_entropy(logits, batch['label']).mean(), parallel.AXIS)
-    return loss * state.loss_scale.scale if scale_loss else loss, (loss, logits, updates['batch_stats'])
+    scaled = loss * state.loss_scale.scale if scale_loss else loss
+    return scaled, (loss, logits, updates['batch_stats'])
 
   (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if scale_loss:
@@ -103,22 +105,23 @@ def train_step(state, batch, *, model, tx, opt_config, skip_nonfinite=False, sca
   opt_state = optim.set_learning_rate(state.opt_state, lr)
   updates, opt_state = tx.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new = dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
-             warmup_done=optim.warmup_done_after(opt_config, state.step, state.warmup_done, error))
-  if scale_loss:
+  updated = state.replace(
+      params=params, batch_stats=batch_stats, opt_state=opt_state,
+      warmup_done=optim.warmup_done_after(opt_config, state.step, state.warmup_done, error))
+  if scale_loss:  # an overflow of the scaled gradients is no divergence: it only skips the update
     grads_finite = _all_finite(grads)
     finite = _all_finite(loss, batch_stats) & (~grads_finite | _all_finite(params))
-    keep = grads_finite & (finite | ~jnp.asarray(skip_nonfinite))
-    new['loss_scale'] = precision.adjust(state.loss_scale, grads_finite)
-    old = {k: getattr(state, k) for k in new if k != 'loss_scale'}
-    new.update(jax.tree.map(lambda n, o: jnp.where(keep, n, o), {k: new[k] for k in old}, old))
+    keep = grads_finite & (finite | (not skip_nonfinite))
   else:
     finite = _all_finite(loss, grads, params, batch_stats)
-    if skip_nonfinite:
-      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: getattr(state, k) for k in new})
-  new_state = state.replace(
-      step=state.step + 1, nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-      first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite), **new)
+    keep = finite | (not skip_nonfinite)
+  if scale_loss or skip_nonfinite:
+    updated = jax.tree.map(lambda new, old: jnp.where(keep, new, old), updated, state)
+  new_state = updated.replace(
+      step=state.step + 1,
+      loss_scale=precision.adjust(state.loss_scale, grads_finite) if scale_loss else state.loss_scale,
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite))
   return new_state, TrainMetrics.single_from_model_output(loss=loss, error=error)
 
 
@@ -142,7 +145,7 @@ def compile_steps(config, model, tx, mesh, data=None):
   """The jitted, mapped steps. `model` must have been built with bn_axis_name=parallel.AXIS.
 
   With train.steps_per_dispatch = k > 1, one call runs k steps on batches stacked along axis 1. With `data`
-  (device_data.put), the step takes device_data.step_arrays instead of images and makes its batches itself.
+  (on_device.put), the step takes on_device.step_arrays instead of images and makes its batches itself.
   """
   def step(s, b):
     return train_step(s, b, model=model, tx=tx, opt_config=config.optimizer,
@@ -153,17 +156,18 @@ def compile_steps(config, model, tx, mesh, data=None):
     train = parallel.map_step(step if k == 1 else lambda s, b: scan_steps(step, s, b), mesh,
                               in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=0)
   else:  # the dataset is an argument, not a closed-over constant of the compiled step
-    on_device = parallel.map_step(lambda s, d, xs: scan_steps(lambda s, x: step(s, device_data.batch(d, x)), s, xs),
-                                  mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=(P(), P()),
-                                  donate_argnums=0)
-    train = lambda s, xs: on_device(s, data, xs)  # noqa: E731
+    mapped = parallel.map_step(lambda s, d, xs: scan_steps(lambda s, x: step(s, on_device.batch(d, x)), s, xs),
+                               mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=(P(), P()),
+                               donate_argnums=0)
+    train = lambda s, xs: mapped(s, data, xs)  # noqa: E731
   evaluate = parallel.map_step(lambda s, b: eval_step(s, b, model=model), mesh,
                                in_specs=(P(), P(parallel.AXIS)), out_specs=P())
   return train, evaluate
 
 
-def evaluate(eval_fn, state, ds, config, mesh):
-  batches = input_pipeline.eval_batches(ds, config.train.eval_batch_size, jax.process_index(), jax.process_count())
+def evaluate(eval_fn, state, ds, config, mesh) -> dict:
+  """Loss and error over the whole eval set (1-crop views for ImageNet)."""
+  batches = ds.eval_batches(config.train.eval_batch_size, jax.process_index(), jax.process_count())
   total = None
   for batch in parallel.prefetch(batches, mesh, config.data.prefetch):
     m = eval_fn(state, batch)
@@ -194,7 +198,12 @@ def _stacked(batches, k):
     yield jax.tree.map(lambda *xs: np.stack(xs, axis=1), *group)
 
 
-def _check_finite(state, config, manager, workdir):
+def itstime(step: int, every: int, num_steps: int) -> bool:
+  """Periodic work: every `every` steps, and always at the last step."""
+  return step % every == 0 or step == num_steps
+
+
+def check_finite(state, config, manager):
   """Stops before a non-finite state can be logged as progress or saved (on_nonfinite='stop')."""
   if config.train.on_nonfinite == 'stop' and int(state.nonfinite_steps) > 0:
     manager.wait_until_finished()
@@ -205,31 +214,38 @@ def _check_finite(state, config, manager, workdir):
                    f'optimizer.learning_rate, or set train.on_nonfinite=skip to skip such steps.')
 
 
-def _setup(config, workdir, mesh):
-  """Data, model, optimizer, and the state restored from `workdir` (or fresh)."""
-  ds = input_pipeline.load(config.data, config.seed)
-  model = models.create(config.model, bn_axis_name=parallel.AXIS)
-  tx = optim.create(config.optimizer)
-  manager, state = checkpointing.restore_or_init(
-      workdir, config.train.keep_checkpoints, create_train_state(config, model, tx, jax.random.key(config.seed)),
-      mesh)
-  return ds, model, tx, manager, state
+def check_num_classes(ds, config):
+  """Labels beyond the classifier's outputs would only show up as a non-finite loss."""
+  if ds.num_classes > config.model.num_classes:
+    where = config.data.image_folder or config.data.name
+    raise data_lib.DataError(
+        f'the data ({where}) has {ds.num_classes} classes but model.num_classes={config.model.num_classes}; '
+        f'set --config.model.num_classes={ds.num_classes}.')
 
 
-def _recompute_bn(state, ds, model, config, mesh, num_images):
+def host_batches(ds, config, mesh, start_step):
+  """(the training set on the devices or None, this process's batches from start_step on, k steps each):
+  host-made batches, or with data.on_device only the indices and augmentation draws."""
+  k, batch_size, seed = config.train.steps_per_dispatch, config.train.batch_size, config.seed
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if config.data.get('on_device'):
+    device_data = on_device.put(ds, mesh)
+    batches = (on_device.step_arrays(ds.num_train, first, k, batch_size, seed, process_index, process_count)
+               for first in itertools.count(start_step, k))
+    return device_data, batches
+  batches = ds.train_batches(start_step, batch_size, seed, process_index, process_count)
+  return None, _stacked(batches, k)
+
+
+def recompute_bn(state, ds, model, config, mesh, num_images):
+  """The state with exact BN statistics over `num_images` training images (bn_stats.recompute)."""
   batches = parallel.prefetch(bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch)
   return state.replace(batch_stats=bn_stats.recompute(model, state.params, state.batch_stats, batches, mesh))
 
 
-def recalibrate_checkpoint(config, workdir, num_images, mesh=None):
-  """(eval before, eval after, state, ds, mesh) for exact BN statistics on the latest checkpoint."""
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  ds, model, tx, manager, state = _setup(config, workdir, mesh)
-  manager.close()
-  _, eval_fn = compile_steps(config, model, tx, mesh)
-  before = evaluate(eval_fn, state, ds, config, mesh)
-  state = _recompute_bn(state, ds, model, config, mesh, num_images)
-  return before, evaluate(eval_fn, state, ds, config, mesh), state, ds, mesh
+def _write(workdir, name, text):
+  with open(os.path.join(workdir, name), 'w') as f:
+    f.write(text)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
@@ -237,62 +253,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   mesh = parallel.make_mesh() if mesh is None else mesh
   is_main = jax.process_index() == 0
   start_time = time.time()
+  ds = data_lib.load(config.data, config.seed)
+  check_num_classes(ds, config)
+  model = models.create(config.model, bn_axis_name=parallel.AXIS)
+  tx = optim.create(config.optimizer)
   os.makedirs(workdir, exist_ok=True)
-  ds, model, tx, manager, state = _setup(config, workdir, mesh)
-  start_step, num_steps = int(state.step), config.train.num_steps
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-  k = config.train.steps_per_dispatch
+  initial = create_train_state(config, model, tx, jax.random.key(config.seed))
+  manager, state = checkpointing.restore_or_init(workdir, config.train.keep_checkpoints, initial, mesh)
+  start_step, num_steps, k = int(state.step), config.train.num_steps, config.train.steps_per_dispatch
   if start_step % k:
     raise validate.ConfigError(f'the checkpoint at step {start_step} is not a multiple of train.steps_per_dispatch'
                                f'={k}: resume with a divisor of {start_step} (e.g. 1).')
-  writer, progress = writers.Writer(workdir, is_main), writers.Progress(start_step, num_steps, config.train.batch_size)
-  pi, pc, batch_size = jax.process_index(), jax.process_count(), config.train.batch_size
-  if config.data.get('on_device'):  # the host sends indices and augmentation draws only
-    train_fn, eval_fn = compile_steps(config, model, tx, mesh, device_data.put(ds, mesh))
-    host = (device_data.step_arrays(len(ds.train_labels), first, k, batch_size, config.seed, pi, pc)
-            for first in itertools.count(start_step, k))
-  else:
-    train_fn, eval_fn = compile_steps(config, model, tx, mesh)
-    host = _stacked(input_pipeline.train_batches(ds, start_step, batch_size, config.seed, pi, pc), k)
+  if is_main:
+    _write(workdir, 'config.json', config.to_json_best_effort(indent=2))
+  writer = writers.Writer(workdir, is_main)
+  progress = writers.Progress(start_step, num_steps, config.train.batch_size)
+  device_data, host = host_batches(ds, config, mesh, start_step)
+  train_fn, eval_fn = compile_steps(config, model, tx, mesh, device_data)
   batches = parallel.prefetch(host, mesh, config.data.prefetch)
   logging.info('Training %s from step %d to %d on %d devices.', config.name, start_step, num_steps,
                jax.device_count())
-
-  def save(step):
-    _check_finite(state, config, manager, workdir)
-    manager.save(step, args=ocp.args.StandardSave(state))
-
   train_metrics, eval_results, moving_average_results = None, None, None
   with checkpointing.PreemptionHandler() as preemption:
     for step in range(start_step + k, num_steps + 1, k):
-      state, m = train_fn(state, next(batches))
-      train_metrics = m if train_metrics is None else train_metrics.merge(m)
-      if step % config.train.log_every_steps == 0 or step == num_steps:
-        _check_finite(state, config, manager, workdir)
-        scalars = {k: float(v) for k, v in train_metrics.compute().items()}
-        scalars.update(lr=float(optim.current_learning_rate(state.opt_state)), **progress.measure(step))
-        if config.train.on_nonfinite == 'skip':
-          scalars['skipped_steps'] = int(state.nonfinite_steps)
-        if precision.dynamic(config.model):
-          scalars.update(loss_scale=float(state.loss_scale.scale), overflow_steps=int(state.loss_scale.overflow_steps))
-        writer.write(step, 'train', scalars)
+      state, step_metrics = train_fn(state, next(batches))
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      if itstime(step, config.train.log_every_steps, num_steps):
+        check_finite(state, config, manager)
+        writer.write(step, 'train', train_scalars(train_metrics, state, config, progress.measure(step)))
         train_metrics = None
       if step == num_steps and config.train.recompute_bn_stats:  # the released models' exact statistics
         moving_average_results = evaluate(eval_fn, state, ds, config, mesh)
-        state = _recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
-      if step % config.train.eval_every_steps == 0 or step == num_steps:
+        state = recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
+      if itstime(step, config.train.eval_every_steps, num_steps):
         eval_results = evaluate(eval_fn, state, ds, config, mesh)
         plateau = optim.plateau_after(config.optimizer, state.plateau, eval_results['error'])
         state = state.replace(plateau=jax.device_put(plateau, parallel.replicated(mesh)))
         writer.write(step, ds.eval_split, {**eval_results, 'lr_drops': int(plateau.drops)})
-      saved = step % config.train.checkpoint_every_steps == 0 or step == num_steps
-      if saved:
-        save(step)
-      if preemption.requested(manager, step):
-        if not saved:
-          save(step)
+      stopping = preemption.requested(manager, step)
+      if itstime(step, config.train.checkpoint_every_steps, num_steps) or stopping:
+        check_finite(state, config, manager)
+        checkpointing.save(manager, state, step)
+      if stopping:
         manager.wait_until_finished()
         writer.close()
         raise Preempted(f'stopped by a signal after step {step}; its checkpoint is in {manager.directory}: rerun '
@@ -309,8 +311,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   if moving_average_results:
     results[f'{ds.eval_split}_error_moving_average_bn'] = moving_average_results['error']
   if is_main:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    _write(workdir, 'results.json', json.dumps(results, indent=2))
   writer.close()
   manager.close()
   return results
+
+
+def train_scalars(train_metrics, state, config, rates) -> dict:
+  """What a log line of training reports: loss, error, lr, speed, and the counters that are on."""
+  scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+  scalars.update(lr=float(optim.current_learning_rate(state.opt_state)), **rates)
+  if config.train.on_nonfinite == 'skip':
+    scalars['skipped_steps'] = int(state.nonfinite_steps)
+  if precision.dynamic(config.model):
+    scalars.update(loss_scale=float(state.loss_scale.scale), overflow_steps=int(state.loss_scale.overflow_steps))
+  return scalars

@@ -1,12 +1,15 @@
-"""Config checks that run before anything heavy is imported or compiled: one sentence per problem."""
+"""Config checks that run before any data is read or anything compiled: one sentence per problem.
+
+The valid choices are those of the modules that implement them (optim, data); models.create checks the
+model section.
+"""
+from resnet_jax import data as data_lib
+from resnet_jax import optim
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
-
-SOURCES = ('tfds', 'image_folder', 'synthetic')
-DATASETS = ('cifar10', 'imagenet2012')
 
 
 def _require(ok, message):
@@ -21,12 +24,12 @@ def check(config, device_count=None, process_count=1):
   _require(opt.learning_rate > 0, f'optimizer.learning_rate must be positive, got {opt.learning_rate}.')
   _require(0 <= opt.momentum < 1, f'optimizer.momentum must be in [0, 1), got {opt.momentum}.')
   _require(opt.weight_decay >= 0, f'optimizer.weight_decay must be >= 0, got {opt.weight_decay}.')
-  _require(opt.momentum_style in ('caffe', 'pytorch', 'dampened'),
-           f"optimizer.momentum_style must be 'caffe', 'pytorch' or 'dampened', got {opt.momentum_style!r}.")
+  _require(opt.momentum_style in optim.MOMENTUM_STYLES,
+           f'optimizer.momentum_style must be one of {optim.MOMENTUM_STYLES}, got {opt.momentum_style!r}.')
   _require(list(opt.boundaries) == sorted(opt.boundaries),
            f'optimizer.boundaries must be increasing steps, got {tuple(opt.boundaries)}.')
-  _require(opt.get('schedule', 'steps') in ('steps', 'plateau'),
-           f"optimizer.schedule must be 'steps' or 'plateau', got {opt.get('schedule')!r}.")
+  _require(opt.schedule in optim.SCHEDULES,
+           f'optimizer.schedule must be one of {optim.SCHEDULES}, got {opt.schedule!r}.')
   _require(isinstance(opt.get('plateau_patience', 1), int) and opt.get('plateau_patience', 1) > 0,
            f'optimizer.plateau_patience must be a positive number of evaluations, got {opt.get("plateau_patience")!r}.')
   _require(opt.get('plateau_threshold', 0) >= 0,
@@ -44,8 +47,15 @@ def check(config, device_count=None, process_count=1):
                                     f'use a multiple of {k}, or a steps_per_dispatch that divides it.')
   _require(train.on_nonfinite in ('stop', 'skip'),
            f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}.")
-  _require(data.source in SOURCES, f'data.source must be one of {SOURCES}, got {data.source!r}.')
-  _require(data.name in DATASETS, f'data.name must be one of {DATASETS}, got {data.name!r}.')
+  _require(data.source in data_lib.SOURCES,
+           f'data.source must be one of {data_lib.SOURCES}, got {data.source!r}.')
+  _require(data.name in data_lib.DATASETS,
+           f'data.name must be one of {data_lib.DATASETS}, got {data.name!r}.')
+  for field in ('val_split', 'train_limit', 'eval_limit'):
+    _require(isinstance(data[field], int) and data[field] >= 0,
+             f'data.{field}={data[field]!r} must be 0 (off) or a positive count.')
+  _require(isinstance(data.image_size, int) and data.image_size > 0,
+           f'data.image_size={data.image_size!r} must be a positive number of pixels (CIFAR-10: 32).')
   _require(data.source != 'image_folder' or data.image_folder,
            'data.source is image_folder but data.image_folder is empty: set --config.data.image_folder=PATH.')
   _require(not data.get('on_device') or data.name == 'cifar10' or data.source == 'synthetic',

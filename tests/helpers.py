@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import default
+from resnet_jax import defaults
 from conftest import REPO
 
 
@@ -21,7 +21,7 @@ def run_cli(workdir, *overrides, config='configs/cifar10_20.py', check=True, tim
 
 def small_run(**overrides):
   """ResNet-8 on a fixed subset: a few steps through the whole loop in seconds."""
-  config = default.get_config()
+  config = defaults.get_config()
   config.model.depth = 8
   config.data.update(source='synthetic', train_limit=256, eval_limit=100)
   config.train.update(batch_size=32, eval_batch_size=64, num_steps=6, log_every_steps=2, eval_every_steps=3,
@@ -34,7 +34,7 @@ def small_run(**overrides):
 
 def as_flags(config):
   return [f'--config.{s}.{k}={v}' for s in ('model', 'data', 'train') for k, v in config[s].items()
-          if v != default.get_config()[s][k] and not isinstance(v, (tuple, list))]
+          if v != defaults.get_config()[s][k] and not isinstance(v, (tuple, list))]
 
 
 def final_params(workdir):

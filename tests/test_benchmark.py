@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from resnet_jax import defaults
 from conftest import REPO
 from resnet_jax import models, summary
 
@@ -20,7 +20,7 @@ RESNET8_MACS = (27 * 16 * 1024 + 2 * 144 * 16 * 1024 + (144 + 288) * 32 * 256 + 
 
 
 def model_config(family, depth, size):
-  config = default.get_config() if family == 'cifar' else default.get_imagenet_config()
+  config = defaults.get_config() if family == 'cifar' else defaults.get_imagenet_config()
   config.model.depth = depth
   config.data.image_size = size
   return config

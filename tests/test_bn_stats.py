@@ -56,6 +56,7 @@ def test_after_training_and_as_a_command(tmp_path):
   # The final checkpoint already holds statistics recomputed from the same images: recomputing again
   # from the same weights and images gives the same evaluation.
   assert abs(report['recomputed']['error'] - results['test_error']) < 1e-6
-  assert abs(report['moving_average']['error'] - results['test_error']) < 1e-6
+  assert report['checkpoint']['statistics'] == 'recomputed_after_training'
+  assert abs(report['checkpoint']['error'] - results['test_error']) < 1e-6
 
 

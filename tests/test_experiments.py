@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import helpers
-from configs import cifar10_20
 from conftest import REPO
-from resnet_jax import input_pipeline, models, train
+from resnet_jax import data, defaults, models, train
+from resnet_jax.data import in_memory
 
 sys.path.insert(0, str(REPO))  # experiments/ is no installed package
 from experiments import cifar_table, layer_responses, plot_curves  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -49,10 +49,10 @@ def test_plot_curves_plots_the_logged_errors(runs, tmp_path):
 
 def independent_stds(workdir, config, num_images):
   """The statistic from the intermediates of one forward pass over the images, reduced in NumPy."""
-  ds = input_pipeline.load(config.data, config.seed)
+  ds = data.load(config.data, config.seed)
   _, state = helpers.final_params(workdir)
   variables = jax.tree.map(np.asarray, {'params': state['params'], 'batch_stats': state['batch_stats']})
-  images = input_pipeline.preprocess_eval(ds.eval_images[:num_images], ds.mean_image)
+  images = in_memory.preprocess_eval(ds.eval_images[:num_images], ds.mean_image)
   _, sown = models.create(config.model).apply(variables, images, train=False, mutable=['intermediates'])
   responses = [np.asarray(y, np.float64) for block in sown['intermediates'].values() for y in block['responses']]
   return np.array([y.reshape(-1, y.shape[-1]).std(axis=0).mean() for y in responses])
@@ -73,7 +73,7 @@ def test_layer_responses_match_numpy(runs, tmp_path):
 
 def write_run(runs_dir, name, steps, error, seed=0, **config_overrides):
   """A workdir as a finished (or stopped) cifar10_20 run leaves it, without checkpoints."""
-  config = json.loads(cifar10_20.get_config().to_json_best_effort())
+  config = json.loads(defaults.load_file(REPO / 'configs' / 'cifar10_20.py').to_json_best_effort())
   config['seed'] = seed
   for key, value in config_overrides.items():
     section, field = key.split('__')

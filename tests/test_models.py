@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from jax import ad_checkpoint
 
-from configs import default
+from resnet_jax import defaults
 from resnet_jax import models, summary
 
 
 def model_config(family='cifar', depth=8, **overrides):
-  config = default.get_config() if family == 'cifar' else default.get_imagenet_config()
+  config = defaults.get_config() if family == 'cifar' else defaults.get_imagenet_config()
   config.model.depth = depth
   config.model.update(overrides)
   return config
@@ -170,7 +170,7 @@ def test_sown_3x3_responses(family, depth, size, expected):
     (dict(scan_blocks=None), 'model.scan_blocks must be True or False, got None'),
 ])
 def test_invalid_requests_fail_with_one_sentence(overrides, message):
-  config = default.get_config()
+  config = defaults.get_config()
   config.model.update(overrides)
   with pytest.raises(ValueError) as err:
     models.create(config.model)
@@ -183,7 +183,7 @@ def test_summary_cli(tmp_path):
   run = lambda *a: subprocess.run([sys.executable, '-m', 'resnet_jax.summary', '--config=configs/cifar10_20.py', *a],
                                   cwd=REPO, capture_output=True, text=True, check=True).stdout
   assert json.loads(run('--json')) == {'model': 'cifar10_20', 'params': 269_722, 'macs': summary.count(
-      default.get_config())[2]}
+      defaults.get_config())[2]}
   overview = run()
   assert 'stage3_block3/conv2/kernel' in overview and overview.strip().splitlines()[-1].startswith(
       'cifar10_20: 269,722 trainable parameters')

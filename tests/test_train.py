@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import default
+from resnet_jax import defaults
 from resnet_jax import models, optim, parallel, train
 
 
 def tiny_config(**train_overrides):
-  config = default.get_config()
+  config = defaults.get_config()
   config.model.depth = 8
   config.train.update(train_overrides)
   return config
@@ -68,17 +68,17 @@ def test_sync_bn_uses_the_global_batch():
 
 
 def test_schedule_at_every_boundary():
-  opt = default.get_config().optimizer  # lr 0.1, /10 at 32k and 48k
+  opt = defaults.get_config().optimizer  # lr 0.1, /10 at 32k and 48k
   for step, expected in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)]:
     assert float(optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True))) == pytest.approx(expected)
   opt.warmup_learning_rate = 0.01
   assert float(optim.learning_rate(opt, jnp.asarray(5), jnp.asarray(False))) == pytest.approx(0.01)
   assert not bool(optim.initial_warmup_done(opt))
-  assert bool(optim.initial_warmup_done(default.get_config().optimizer))  # no warm-up configured
+  assert bool(optim.initial_warmup_done(defaults.get_config().optimizer))  # no warm-up configured
 
 
 def test_warmup_rule():
-  opt = default.get_config().optimizer
+  opt = defaults.get_config().optimizer
   opt.warmup_error, opt.warmup_max_steps = 0.8, 100
   done = lambda step, error, d=False: bool(optim.warmup_done_after(opt, jnp.asarray(step), jnp.asarray(d), error))
   assert not done(0, 0.85)
@@ -102,7 +102,7 @@ def test_warmup_switch_in_the_train_step(threshold, cap, switch_after):
 
 @pytest.mark.parametrize('style', ['caffe', 'pytorch', 'dampened'])
 def test_momentum_styles_against_numpy_across_an_lr_drop(style):
-  opt = default.get_config().optimizer
+  opt = defaults.get_config().optimizer
   opt.update(momentum_style=style, boundaries=(3,), decay=0.1, weight_decay=1e-2, momentum=0.9)
   tx = optim.create(opt)
   rng = np.random.default_rng(0)
@@ -135,7 +135,7 @@ def test_momentum_styles_against_numpy_across_an_lr_drop(style):
 
 def test_the_two_momentum_styles_differ_only_after_the_drop():
   def run(style, steps):
-    opt = default.get_config().optimizer
+    opt = defaults.get_config().optimizer
     opt.update(momentum_style=style, boundaries=(3,), weight_decay=0.0)
     tx = optim.create(opt)
     params, state = {'kernel': jnp.ones(2)}, None

@@ -1,16 +1,11 @@
-"""CIFAR-10 input: the whole dataset in host memory, every batch a pure function of (seed, step).
-
-(ImageNet's JPEGs are streamed by imagenet_input.py; `load` returns that dataset for data.name='imagenet2012'
-unless the source is synthetic, and train_batches/eval_batches hand it its own.)
+"""Datasets held in host memory as uint8 arrays: CIFAR-10 (tfds), an image folder or archive, synthetic data.
 
 Paper section 4.2: subtract the per-pixel mean, pad 4 pixels with zeros, take a random 32x32 crop and
-flip half the images; evaluate on the single original view. Because a batch depends only on the seed
-and the global step, a run resumed from a checkpoint sees exactly the data it would have seen, and
-there is no iterator state to save. TensorFlow is imported only by the tfds loader.
+flip half the images; evaluate on the single original view. TensorFlow is imported only by the tfds
+loader; an image folder is decoded once with PIL and cached.
 """
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
 import io
 import itertools
@@ -19,22 +14,25 @@ import os
 import posixpath
 import socket
 import tarfile
-from typing import Iterator
 import zlib
+from typing import Iterator
 
 import numpy as np
 
+from resnet_jax.data import common
+from resnet_jax.data.common import DataError
+
 PAD = 4  # pixels of zero padding on each side; crop offsets are drawn from [0, 2 * PAD]
+# Pixels are scaled by multiplying with this constant, not dividing by 255: XLA rewrites a division by a
+# constant into this multiplication, so the host and the on-device paths agree bit for bit.
+INV_255 = np.float32(1 / 255)
 _FORMAT = 1  # bump to invalidate the decoded-image caches
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.gif', '.tif', '.tiff', '.webp')
-
-
-class DataError(ValueError):
-  """User-facing data problem; the message is one sentence naming the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
+  """The whole dataset in memory; batches are pure functions of (seed, step)."""
+
   train_images: np.ndarray  # uint8 [N, H, W, 3]
   train_labels: np.ndarray  # int32 [N]
   eval_images: np.ndarray  # uint8 [M, H, W, 3]
@@ -42,11 +40,32 @@ class Dataset:
   mean_image: np.ndarray  # float32 [H, W, 3], per-pixel mean of train_images, in 0..255 units
   num_classes: int
   eval_split: str  # 'test', or 'val' when data.val_split > 0
+  eval_modes = ('1crop',)  # the single original view
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_labels)
+
+  def train_batches(self, start_step, batch_size, seed, process_index=0, process_count=1):
+    """This process's share of the augmented global batch of each step from `start_step` on."""
+    for step in itertools.count(start_step):
+      yield train_batch(self, step, batch_size, seed, process_index, process_count)
+
+  def eval_batches(self, batch_size, process_index=0, process_count=1, mode='1crop'):
+    """The eval set in order; the last global batch is zero-padded, and 'mask' is 1 for real images."""
+    del mode  # one view only
+    share = common.process_share(batch_size, process_index, process_count, 'train.eval_batch_size')
+    for index in common.eval_indices(len(self.eval_labels), batch_size, share):
+      real = index >= 0
+      images = np.zeros((len(index), *self.eval_images.shape[1:]), np.float32)
+      images[real] = preprocess_eval(self.eval_images[index[real]], self.mean_image)
+      labels = np.where(real, self.eval_labels[np.maximum(index, 0)], 0).astype(np.int32)
+      yield {'image': images, 'label': labels, 'mask': real.astype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-  """What differs between datasets, so that another one is one more entry in _SPECS."""
+  """What differs between datasets, so that another one is one more entry in SPECS."""
   title: str
   tfds_name: str
   download_host: str  # tested before tfds tries to download, since offline retries take minutes
@@ -54,30 +73,13 @@ class _Spec:
   synthetic_sizes: tuple[int, int]  # (train, eval)
 
 
-_SPECS = {
+SPECS = {
     'cifar10': _Spec('CIFAR-10', 'cifar10', 'www.cs.toronto.edu', 10, (50_000, 10_000)),
-    # Only the synthetic source is read here; imagenet_input.py streams the real images.
+    # Only the synthetic source is read here; data/imagenet.py streams the real images.
     'imagenet2012': _Spec('ImageNet', 'imagenet2012', 'image-net.org', 1000, (2_560, 512)),
 }
 _FIX_OFFLINE = ('--config.data.source=image_folder --config.data.image_folder=PATH with a local copy '
                 '(a train/ and test/ tree of class folders, or a .tar.gz of one)')
-
-
-def _spec(cfg) -> _Spec:
-  if cfg.name not in _SPECS:
-    raise DataError(f'unknown dataset data.name={cfg.name!r}; use one of {sorted(_SPECS)}.')
-  if cfg.source not in _LOADERS:
-    raise DataError(f'unknown data.source={cfg.source!r}; use one of {sorted(_LOADERS)}.')
-  for field in ('val_split', 'train_limit', 'eval_limit'):
-    if int(getattr(cfg, field)) < 0:
-      raise DataError(f'data.{field}={getattr(cfg, field)} is negative; use 0 (off) or a positive count.')
-  if int(cfg.image_size) <= 0:
-    raise DataError(f'data.image_size={cfg.image_size} must be positive; use 32 for CIFAR-10.')
-  return _SPECS[cfg.name]
-
-
-def streamed(data_config) -> bool:
-  return data_config.name == 'imagenet2012' and data_config.source != 'synthetic'
 
 
 def _splits(cfg) -> tuple[str, str]:
@@ -86,11 +88,8 @@ def _splits(cfg) -> tuple[str, str]:
 
 def check(data_config) -> None:
   """Fast (seconds) checks before anything heavy; raises DataError."""
-  spec = _spec(data_config)
-  if streamed(data_config):
-    from resnet_jax import imagenet_input  # pylint: disable=g-import-not-at-top
-    imagenet_input.check(data_config)
-  elif data_config.source == 'tfds':
+  spec = SPECS[data_config.name]
+  if data_config.source == 'tfds':
     _tfds_builder(spec, data_config.data_dir)
   elif data_config.source == 'image_folder':
     path = _folder_path(data_config)
@@ -101,12 +100,12 @@ def check(data_config) -> None:
                       'point it at a train/ and test/ tree of class folders or an archive of one.')
 
 
-def load(data_config, seed: int):
-  """Loads (or decodes and caches) the images, then applies val_split, train_limit and eval_limit."""
-  spec = _spec(data_config)
-  if streamed(data_config):
-    from resnet_jax import imagenet_input  # pylint: disable=g-import-not-at-top
-    return imagenet_input.ImageNet(data_config, seed)
+def load(data_config, seed: int) -> Dataset:
+  """Loads (or decodes and caches) the images, then applies val_split, train_limit and eval_limit.
+
+  The limits take fixed, seeded samples, so a limited set spreads over the classes of a sorted folder.
+  """
+  spec = SPECS[data_config.name]
   size = int(data_config.image_size)
   ti, tl, ei, el, num_classes = _LOADERS[data_config.source](spec, data_config, seed)
   for name, images in (('training', ti), ('evaluation', ei)):
@@ -122,10 +121,11 @@ def load(data_config, seed: int):
     val, rest = np.sort(perm[:k]), np.sort(perm[k:])
     ti, tl, ei, el, eval_split = ti[rest], tl[rest], ti[val], tl[val], 'val'
   if 0 < data_config.train_limit < len(tl):  # a limit at or above the size keeps everything
-    keep = np.sort(np.random.default_rng([seed, 54321]).permutation(len(tl))[:data_config.train_limit])
+    keep = common.seeded_subset(len(tl), data_config.train_limit, seed, 54321)
     ti, tl = ti[keep], tl[keep]
-  if data_config.eval_limit:
-    ei, el = ei[:data_config.eval_limit], el[:data_config.eval_limit]
+  if 0 < data_config.eval_limit < len(el):
+    keep = common.seeded_subset(len(el), data_config.eval_limit, seed, 54322)
+    ei, el = ei[keep], el[keep]
   mean = ti.mean(axis=0, dtype=np.float64).astype(np.float32)
   return Dataset(ti, tl.astype(np.int32), ei, el.astype(np.int32), mean, num_classes, eval_split)
 
@@ -220,7 +220,7 @@ def _index(names, where: str, split_names):
   splits = []
   for split in split_names:
     files = sorted((p[1], p[2]) for p in parts if len(p) == 3 and p[0] == split and p[2].lower().endswith(
-        _IMAGE_EXTENSIONS) and not p[1].startswith('.') and not p[2].startswith('.'))
+        common.IMAGE_EXTENSIONS) and not p[1].startswith('.') and not p[2].startswith('.'))
     if not files:
       raise DataError(f'{where}/{split} holds no class folders with images; {expected}.')
     splits.append(files)
@@ -271,7 +271,6 @@ def _load_image_folder(spec, cfg, seed):
   """Decodes a folder (or .tar.gz) once and caches the arrays, keyed by the path and every file's stat."""
   del seed
   path, size = _folder_path(cfg), int(cfg.image_size)
-  cache_dir = os.path.expanduser(cfg.cache_dir or '~/.cache/resnet_jax')
   names = _splits(cfg)
   key = hashlib.sha256(f'{_FORMAT}\n{spec.tfds_name}\n{size}\n{path}\n{names}\n'.encode())
   if os.path.isdir(path):
@@ -281,7 +280,7 @@ def _load_image_folder(spec, cfg, seed):
   else:  # the archive's own stat stands for its files, so a cached load does not read it
     st = os.stat(path)
     key.update(f'{st.st_size} {st.st_mtime_ns}'.encode())
-  cache = os.path.join(cache_dir, f'{spec.tfds_name}-folder-{key.hexdigest()[:20]}.npz')
+  cache = os.path.join(common.cache_dir(cfg), f'{spec.tfds_name}-folder-{key.hexdigest()[:20]}.npz')
   try:
     with np.load(cache) as f:
       return (f['train_images'], f['train_labels'], f['eval_images'], f['eval_labels'], len(f['classes']))
@@ -297,10 +296,7 @@ def _load_image_folder(spec, cfg, seed):
   arrays = {'train_images': images[:len(items[0])], 'eval_images': images[len(items[0]):]}
   for name, files in zip(('train', 'eval'), splits):
     arrays[f'{name}_labels'] = np.array([label for _, label in files], np.int32)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = f'{cache}.tmp{os.getpid()}.npz'
-  np.savez(tmp, classes=np.array(classes), **arrays)
-  os.replace(tmp, cache)
+  common.write_atomically(cache, lambda tmp: np.savez(tmp, classes=np.array(classes), **arrays))
   return (arrays['train_images'], arrays['train_labels'], arrays['eval_images'], arrays['eval_labels'],
           len(classes))
 
@@ -308,37 +304,6 @@ def _load_image_folder(spec, cfg, seed):
 _LOADERS = {'tfds': _load_tfds, 'image_folder': _load_image_folder, 'synthetic': _load_synthetic}
 
 # ----------------------------------------------------------------------------------------- batches
-
-
-def steps_per_epoch(num_train: int, batch_size: int) -> int:
-  """Full global batches per epoch; the remainder is dropped (a different one each epoch)."""
-  if batch_size <= 0 or num_train // batch_size == 0:
-    raise DataError(f'the global batch size {batch_size} does not fit the {num_train} training images; '
-                    'set train.batch_size between 1 and the number of training images.')
-  return num_train // batch_size
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
-  perm.flags.writeable = False  # shared between calls
-  return perm
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The order of epoch `epoch`; cached because every step of the epoch needs it."""
-  return _cached_permutation(int(seed), int(epoch), int(n))
-
-
-def _share(batch_size: int, process_index: int, process_count: int, field: str) -> slice:
-  """This process's contiguous part of a global batch."""
-  if batch_size <= 0 or batch_size % process_count:
-    raise DataError(f'the global batch size {batch_size} is not a positive multiple of the {process_count} '
-                    f'processes; set {field} to one.')
-  if not 0 <= process_index < process_count:
-    raise DataError(f'process_index={process_index} is outside [0, {process_count}); pass the JAX process index.')
-  local = batch_size // process_count
-  return slice(process_index * local, (process_index + 1) * local)
 
 
 def augmentation(seed: int, step: int, batch_size: int):
@@ -351,7 +316,7 @@ def augmentation(seed: int, step: int, batch_size: int):
 
 def preprocess_eval(images_uint8: np.ndarray, mean_image: np.ndarray) -> np.ndarray:
   """The single original view: (x - mean) / 255, float32."""
-  return (images_uint8.astype(np.float32) - np.asarray(mean_image, np.float32)) / 255
+  return (images_uint8.astype(np.float32) - np.asarray(mean_image, np.float32)) * INV_255
 
 
 def _pad_crop_flip(x: np.ndarray, dy, dx, flip) -> np.ndarray:
@@ -369,42 +334,10 @@ def _pad_crop_flip(x: np.ndarray, dy, dx, flip) -> np.ndarray:
 def train_batch(ds: Dataset, step: int, batch_size: int, seed: int, process_index: int = 0,
                 process_count: int = 1) -> dict:
   """This process's share of the augmented global batch of `step`: {'image', 'label'}."""
-  spe = steps_per_epoch(len(ds.train_labels), batch_size)
-  share = _share(batch_size, process_index, process_count, 'train.batch_size')
-  epoch, i = divmod(int(step), spe)
-  index = epoch_permutation(seed, epoch, len(ds.train_labels))[i * batch_size:(i + 1) * batch_size][share]
+  share = common.process_share(batch_size, process_index, process_count, 'train.batch_size')
+  index = common.step_indices(ds.num_train, step, batch_size, seed, share)
   dy, dx, flip = (a[share] for a in augmentation(seed, step, batch_size))
   images = _pad_crop_flip(preprocess_eval(ds.train_images[index], ds.mean_image), dy, dx, flip)
   return {'image': images, 'label': ds.train_labels[index].astype(np.int32)}
 
 
-def train_batches(ds, start_step: int, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
-  """train_batch for start_step, start_step + 1, ... forever."""
-  if not isinstance(ds, Dataset):  # streamed ImageNet
-    yield from ds.train_batches(start_step, batch_size, seed, process_index, process_count)
-    return
-  for step in itertools.count(start_step):
-    yield train_batch(ds, step, batch_size, seed, process_index, process_count)
-
-
-def num_eval_batches(ds: Dataset, batch_size: int) -> int:
-  if batch_size <= 0:
-    raise DataError(f'the eval batch size {batch_size} must be positive; set train.eval_batch_size.')
-  return -(-len(ds.eval_labels) // batch_size)
-
-
-def eval_batches(ds, batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """The eval set in order; the last global batch is zero-padded, and 'mask' is 1 for real images."""
-  if not isinstance(ds, Dataset):  # streamed ImageNet: the 1-crop view
-    yield from ds.eval_batches(batch_size, process_index, process_count)
-    return
-  share = _share(batch_size, process_index, process_count, 'train.eval_batch_size')
-  local, m = share.stop - share.start, len(ds.eval_labels)
-  for b in range(num_eval_batches(ds, batch_size)):
-    lo, hi = min(b * batch_size + share.start, m), min(b * batch_size + share.stop, m)
-    images = np.zeros((local, *ds.eval_images.shape[1:]), np.float32)
-    labels, mask = np.zeros(local, np.int32), np.zeros(local, np.float32)
-    images[:hi - lo] = preprocess_eval(ds.eval_images[lo:hi], ds.mean_image)
-    labels[:hi - lo], mask[:hi - lo] = ds.eval_labels[lo:hi], 1
-    yield {'image': images, 'label': labels, 'mask': mask}

@@ -1,8 +1,8 @@
 """CIFAR batches made on the device: the uint8 images live there, and the crop and flip run in the step.
 
 The host then sends only example indices and augmentation draws (a few KB per step instead of 1.5 MB of
-float images), computed by input_pipeline's own rules, so a batch equals `input_pipeline.train_batch`
-bit for bit and a resumed run sees the same data whichever path it uses. No TensorFlow is imported.
+float images), computed by the host path's own rules, so a batch equals `in_memory.train_batch` bit for
+bit and a resumed run sees the same data whichever path it uses. No TensorFlow is imported.
 The step arrays are laid out as train.py's stacked batches, [batch, k], so parallel.to_global, prefetch
 and train.scan_steps take them as they are:
 
@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import input_pipeline, parallel
+from resnet_jax import parallel
+from resnet_jax.data import common, in_memory
 
 
-def put(ds: input_pipeline.Dataset, mesh) -> dict:
+def put(ds: in_memory.Dataset, mesh) -> dict:
   """The training images (uint8), labels and mean image, replicated on every device of the mesh."""
   arrays = {'images': np.asarray(ds.train_images, np.uint8), 'labels': np.asarray(ds.train_labels, np.int32),
             'mean': np.asarray(ds.mean_image, np.float32)}
@@ -34,15 +35,11 @@ def step_arrays(num_train: int, first: int, k: int, batch_size: int, seed: int, 
 
   Host work of microseconds per step; the device does the rest in `batch`.
   """
-  spe = input_pipeline.steps_per_epoch(num_train, batch_size)
-  share = input_pipeline._share(  # pylint: disable=protected-access
-      batch_size, process_index, process_count, 'train.batch_size')
+  share = common.process_share(batch_size, process_index, process_count, 'train.batch_size')
   rows = []
   for step in range(int(first), int(first) + int(k)):
-    epoch, i = divmod(step, spe)
-    order = input_pipeline.epoch_permutation(seed, epoch, num_train)
-    dy, dx, flip = input_pipeline.augmentation(seed, step, batch_size)
-    rows.append((order[i * batch_size:(i + 1) * batch_size][share], dy[share], dx[share], flip[share]))
+    dy, dx, flip = in_memory.augmentation(seed, step, batch_size)
+    rows.append((common.step_indices(num_train, step, batch_size, seed, share), dy[share], dx[share], flip[share]))
   index, dy, dx, flip = (np.stack(a, axis=1) for a in zip(*rows))
   return {'index': index.astype(np.int32), 'dy': dy.astype(np.int32), 'dx': dx.astype(np.int32),
           'flip': flip.astype(bool)}
@@ -50,22 +47,15 @@ def step_arrays(num_train: int, first: int, k: int, batch_size: int, seed: int, 
 
 def _crop(padded, dy, dx):
   h, w, c = padded.shape
-  size = (h - 2 * input_pipeline.PAD, w - 2 * input_pipeline.PAD, c)
+  size = (h - 2 * in_memory.PAD, w - 2 * in_memory.PAD, c)
   return jax.lax.dynamic_slice(padded, (dy, dx, 0), size)
 
 
-def _normalize(images_uint8, mean):
-  """(x - mean) / 255 with a true division, as NumPy's: XLA turns x / 255 into x * (1 / 255), one ulp off
-  for a third of the pixels, unless the divisor is a full-shape array it cannot see through."""
-  x = images_uint8.astype(jnp.float32) - mean
-  return x / jax.lax.optimization_barrier(jnp.full(x.shape, 255, jnp.float32))
-
-
 def batch(data: dict, x: dict) -> dict:
-  """One step's batch on this device, equal to input_pipeline.train_batch's bit for bit: the same float32
+  """One step's batch on this device, equal to in_memory.train_batch's bit for bit: the same float32
   operations in the same order (normalize, then zero padding, crop and flip)."""
-  pad = input_pipeline.PAD
-  images = _normalize(data['images'][x['index']], data['mean'])
+  pad = in_memory.PAD
+  images = (data['images'][x['index']].astype(jnp.float32) - data['mean']) * in_memory.INV_255
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   crops = jax.vmap(_crop)(padded, x['dy'], x['dx'])
   crops = jnp.where(x['flip'][:, None, None, None], crops[:, :, ::-1], crops)  # a flip reverses columns

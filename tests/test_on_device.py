@@ -1,4 +1,4 @@
-"""The on-device CIFAR batches against the host path (input_pipeline.train_batch), on 8 fake devices."""
+"""The on-device CIFAR batches against the host path (in_memory.train_batch), on 8 fake devices."""
 import subprocess
 import sys
 
@@ -8,7 +8,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
-from resnet_jax import device_data, input_pipeline, parallel
+from resnet_jax import parallel
+from resnet_jax.data import in_memory, on_device
 
 SEED = 3
 
@@ -18,24 +19,24 @@ def dataset(n, labels=None, seed=0):
   images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, n).astype(np.int32) if labels is None else labels
   mean = images.mean(axis=0, dtype=np.float64).astype(np.float32)  # as load(): not whole numbers
-  return input_pipeline.Dataset(images, labels, images[:8], labels[:8], mean, 10, 'test')
+  return in_memory.Dataset(images, labels, images[:8], labels[:8], mean, 10, 'test')
 
 
 def device_batches(ds, xs, mesh):
-  """device_data.batch on each device for every step of `xs` (numpy [batch, k]) -> numpy [k, batch, ...]."""
+  """on_device.batch on each device for every step of `xs` (numpy [batch, k]) -> numpy [k, batch, ...]."""
   def per_device(data, xs):
     steps = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)  # [k, b]: one step's share a row
-    return jax.lax.map(lambda x: device_data.batch(data, x), steps)
+    return jax.lax.map(lambda x: on_device.batch(data, x), steps)
   fn = parallel.map_step(per_device, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(None, parallel.AXIS))
-  return jax.device_get(fn(device_data.put(ds, mesh), parallel.to_global(xs, mesh)))
+  return jax.device_get(fn(on_device.put(ds, mesh), parallel.to_global(xs, mesh)))
 
 
 def test_equals_the_host_path_across_an_epoch_boundary():
   ds, batch_size, first, k = dataset(100), 16, 4, 6  # 6 steps an epoch: steps 4..9 cross into epoch 1
-  out = device_batches(ds, device_data.step_arrays(100, first, k, batch_size, SEED), parallel.make_mesh())
+  out = device_batches(ds, on_device.step_arrays(100, first, k, batch_size, SEED), parallel.make_mesh())
   assert out['image'].dtype == np.float32 and out['label'].dtype == np.int32
   for j in range(k):
-    host = input_pipeline.train_batch(ds, first + j, batch_size, SEED)
+    host = in_memory.train_batch(ds, first + j, batch_size, SEED)
     np.testing.assert_array_equal(out['image'][j], host['image'])  # bit-identical, not only close
     np.testing.assert_array_equal(out['label'][j], host['label'])
   assert (out['image'] == 0).mean() > 0.05  # the zero padding does show, so the crops were exercised
@@ -44,22 +45,22 @@ def test_equals_the_host_path_across_an_epoch_boundary():
 def test_process_shares_equal_the_host_path():
   """Two processes' step_arrays, side by side, are one process's; each part equals its process's batch."""
   ds, batch_size, first, k = dataset(100), 16, 5, 3
-  parts = [device_data.step_arrays(100, first, k, batch_size, SEED, p, 2) for p in range(2)]
+  parts = [on_device.step_arrays(100, first, k, batch_size, SEED, p, 2) for p in range(2)]
   joined = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-  whole = device_data.step_arrays(100, first, k, batch_size, SEED)
+  whole = on_device.step_arrays(100, first, k, batch_size, SEED)
   for key in whole:
     np.testing.assert_array_equal(joined[key], whole[key])
   out = device_batches(ds, joined, parallel.make_mesh())  # process p's share on devices 4p..4p+3
   for j in range(k):
     for p in range(2):
-      host = input_pipeline.train_batch(ds, first + j, batch_size, SEED, p, 2)
+      host = in_memory.train_batch(ds, first + j, batch_size, SEED, p, 2)
       np.testing.assert_array_equal(out['image'][j, p * 8:(p + 1) * 8], host['image'])
       np.testing.assert_array_equal(out['label'][j, p * 8:(p + 1) * 8], host['label'])
 
 
 def test_every_image_exactly_once_per_epoch():
   ds = dataset(96, labels=np.arange(96, dtype=np.int32))  # the label names the image
-  out = device_batches(ds, device_data.step_arrays(96, 0, 12, 16, SEED), parallel.make_mesh())
+  out = device_batches(ds, on_device.step_arrays(96, 0, 12, 16, SEED), parallel.make_mesh())
   epochs = out['label'].reshape(2, 96)
   for labels in epochs:
     np.testing.assert_array_equal(np.sort(labels), np.arange(96))
@@ -73,14 +74,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
-from resnet_jax import device_data, input_pipeline, parallel
+from resnet_jax import parallel
+from resnet_jax.data import in_memory, on_device
 images = np.zeros((8, 32, 32, 3), np.uint8)
-ds = input_pipeline.Dataset(images, np.arange(8, dtype=np.int32), images, np.arange(8, dtype=np.int32),
+ds = in_memory.Dataset(images, np.arange(8, dtype=np.int32), images, np.arange(8, dtype=np.int32),
                             images[0].astype(np.float32), 10, 'test')
 mesh = parallel.make_mesh()
-fn = parallel.map_step(lambda d, x: device_data.batch(d, jax.tree.map(lambda a: a[:, 0], x)), mesh,
+fn = parallel.map_step(lambda d, x: on_device.batch(d, jax.tree.map(lambda a: a[:, 0], x)), mesh,
                        in_specs=(P(), P(parallel.AXIS)), out_specs=P(parallel.AXIS))
-out = fn(device_data.put(ds, mesh), parallel.to_global(device_data.step_arrays(8, 0, 1, 8, 0), mesh))
+out = fn(on_device.put(ds, mesh), parallel.to_global(on_device.step_arrays(8, 0, 1, 8, 0), mesh))
 assert out['image'].shape == (8, 32, 32, 3)
 assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'
 """

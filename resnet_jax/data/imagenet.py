@@ -26,7 +26,8 @@ import os
 
 import numpy as np
 
-from resnet_jax import input_pipeline
+from resnet_jax.data import common
+from resnet_jax.data.common import DataError
 
 NUM_CLASSES = 1000
 # AlexNet's PCA of ImageNet RGB pixels (in 0..1 units): eigenvalues, and eigenvectors as columns.
@@ -35,7 +36,6 @@ EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                    [-0.5808, -0.0045, -0.8140],
                    [-0.5836, -0.6948, 0.4203]], np.float32)
 ASPECTS = (1.0, 1.25, 4 / 3, 1.5, 1.75, 2.0)  # long/short side ratios of the multi-scale shape buckets
-DataError = input_pipeline.DataError
 
 
 def _tf():
@@ -66,13 +66,20 @@ class Split:
   paths: list | None = None  # image_folder: one file per example
   labels: np.ndarray | None = None
   source: object = None  # tfds: an array_record data source of {'image': bytes, 'label': int}
+  index: np.ndarray | None = None  # a subset (data.train_limit, eval_limit): example i is index[i]
 
   def get(self, i: int) -> tuple[bytes, int]:
     """(path or encoded image, label); paths are read inside tf.data, in parallel."""
+    i = int(i if self.index is None else self.index[i])
     if self.paths is not None:
       return self.paths[i].encode(), int(self.labels[i])
-    record = self.source[int(i)]
+    record = self.source[i]
     return record['image'], int(record['label'])
+
+  def label(self, i: int) -> int:
+    if self.paths is not None:  # no need to read the record
+      return int(self.labels[i if self.index is None else self.index[i]])
+    return self.get(i)[1]
 
   def image_bytes(self, i: int) -> bytes:
     data, _ = self.get(i)
@@ -80,6 +87,11 @@ class Split:
       with open(data, 'rb') as f:
         return f.read()
     return data
+
+
+def _subset(split: Split, keep: np.ndarray) -> Split:
+  index = keep if split.index is None else split.index[keep]
+  return dataclasses.replace(split, size=len(keep), index=index)
 
 
 def _folder_split(root: str, split: str) -> Split:
@@ -98,7 +110,7 @@ def _folder_split(root: str, split: str) -> Split:
       raise DataError(f'{folder}/{wnid} is not an ILSVRC2012 class WordNet id (such as n01440764); ImageNet '
                       'class folders must be named by their WordNet ids.')
     files = sorted(f for f in os.listdir(os.path.join(folder, wnid))
-                   if f.lower().endswith(input_pipeline._IMAGE_EXTENSIONS) and not f.startswith('.'))
+                   if f.lower().endswith(common.IMAGE_EXTENSIONS) and not f.startswith('.'))
     paths += [os.path.join(folder, wnid, f) for f in files]
     labels += [label[wnid]] * len(files)
   if not paths:
@@ -272,17 +284,30 @@ def _pipeline(split, items, view, shape, local_batch, threads):
 
 
 class ImageNet:
-  """One ImageNet-layout dataset; train_batches/eval_batches mirror input_pipeline's in-memory functions."""
+  """One ImageNet-layout dataset, streamed; the same batch interface as the in-memory datasets."""
+
+  eval_modes = ('1crop', '10crop', 'multiscale')
 
   def __init__(self, cfg, seed):
     self.cfg, self.seed = cfg, seed
     self.train, self.eval = _splits(cfg)
-    if cfg.train_limit:
-      self.train = dataclasses.replace(self.train, size=min(self.train.size, int(cfg.train_limit)))
-    if cfg.eval_limit:
-      self.eval = dataclasses.replace(self.eval, size=min(self.eval.size, int(cfg.eval_limit)))
+    if 0 < cfg.train_limit < self.train.size:
+      self.train = _subset(self.train, common.seeded_subset(self.train.size, cfg.train_limit, seed, 54321))
+    if 0 < cfg.eval_limit < self.eval.size:
+      self.eval = _subset(self.eval, common.seeded_subset(self.eval.size, cfg.eval_limit, seed, 54322))
     self.num_classes, self.eval_split = NUM_CLASSES, cfg.eval_split
     self.mean_image = self._mean_image()
+    self._eval_labels = None
+
+  @property
+  def num_train(self) -> int:
+    return self.train.size
+
+  @property
+  def eval_labels(self) -> np.ndarray:
+    if self._eval_labels is None:
+      self._eval_labels = np.array([self.eval.label(i) for i in range(self.eval.size)], np.int32)
+    return self._eval_labels
 
   def _mean_image(self) -> np.ndarray:
     """Per-pixel mean of the 1-crop views of data.mean_images training images (a fixed random subset), cached."""
@@ -290,8 +315,8 @@ class ImageNet:
     first = self.train.paths[:4] if self.train.paths is not None else ''
     ident = f'{self.cfg.source}|{self.cfg.image_folder}|{self.cfg.data_dir}|{self.train.name}|{self.train.size}|' \
             f'{n}|{self.cfg.image_size}|{self.cfg.eval_resize}|{first}'
-    cache_dir = os.path.expanduser(self.cfg.cache_dir or '~/.cache/resnet_jax')
-    path = os.path.join(cache_dir, f'imagenet-mean-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.npy')
+    path = os.path.join(common.cache_dir(self.cfg),
+                        f'imagenet-mean-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.npy')
     if os.path.exists(path):
       return np.load(path)
     index = np.sort(np.random.default_rng(12345).permutation(self.train.size)[:n])
@@ -301,22 +326,18 @@ class ImageNet:
                         lambda tf, d, s: one_crop_view(tf, d, self.cfg, zeros), (crop, crop, 3), 64, 0)
     total = sum(b['image'].astype(np.float64).sum(0) for b in batches)
     mean = (total * 255 / n).astype(np.float32)
-    os.makedirs(cache_dir, exist_ok=True)
-    np.save(path + f'.tmp{os.getpid()}.npy', mean)
-    os.replace(path + f'.tmp{os.getpid()}.npy', path)
+    common.write_atomically(path, lambda tmp: np.save(tmp, mean))
     return mean
 
   def train_batches(self, start_step, batch_size, seed, process_index=0, process_count=1):
     """This process's share of the augmented global batch of each step from start_step on."""
-    spe = input_pipeline.steps_per_epoch(self.train.size, batch_size)
-    share = input_pipeline._share(batch_size, process_index, process_count, 'train.batch_size')
+    share = common.process_share(batch_size, process_index, process_count, 'train.batch_size')
 
     def items():
       for step in itertools.count(start_step):
-        epoch, i = divmod(step, spe)
-        index = input_pipeline.epoch_permutation(seed, epoch, self.train.size)[i * batch_size:(i + 1) * batch_size]
+        index = common.step_indices(self.train.size, step, batch_size, seed, share)
         seeds = np.random.default_rng([int(seed), step, 2]).integers(0, 2**62, (batch_size, 2))
-        yield from zip(index[share], seeds[share])
+        yield from zip(index, seeds[share])
 
     crop = int(self.cfg.image_size)
     view = lambda tf, d, s: train_view(tf, d, s, self.cfg, self.mean_image)  # noqa: E731
@@ -327,11 +348,9 @@ class ImageNet:
     """`view` of the eval images (`indices`, default all) in order; the last global batch is padded, and
     'mask' is 1 for real images."""
     indices = np.arange(self.eval.size) if indices is None else np.asarray(indices)
-    share = input_pipeline._share(batch_size, process_index, process_count, 'train.eval_batch_size')
-    padded = np.full(-(-len(indices) // batch_size) * batch_size, -1)
-    padded[:len(indices)] = indices
-    mine = padded.reshape(-1, batch_size)[:, share].ravel()
-    return _pipeline(self.eval, ((i, (0, 0)) for i in mine), lambda tf, d, s: view(tf, d), shape,
+    share = common.process_share(batch_size, process_index, process_count, 'train.eval_batch_size')
+    mine = (np.where(i >= 0, indices[np.maximum(i, 0)], -1) for i in common.eval_indices(len(indices), batch_size, share))
+    return _pipeline(self.eval, ((i, (0, 0)) for batch in mine for i in batch), lambda tf, d, s: view(tf, d), shape,
                      share.stop - share.start, self.cfg.threads)
 
   def eval_batches(self, batch_size, process_index=0, process_count=1, mode='1crop'):
@@ -341,11 +360,6 @@ class ImageNet:
                                batch_size, process_index, process_count)
     return self.view_batches(lambda tf, d: one_crop_view(tf, d, self.cfg, self.mean_image), (crop, crop, 3),
                              batch_size, process_index, process_count)
-
-  def eval_labels(self) -> np.ndarray:
-    if self.eval.labels is not None:
-      return self.eval.labels[:self.eval.size]
-    return np.array([self.eval.get(i)[1] for i in range(self.eval.size)], np.int32)
 
   def eval_image_sizes(self) -> np.ndarray:
     """[M, 2] heights and widths of the eval images, from their headers."""

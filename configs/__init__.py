@@ -1,1 +1,0 @@
-"""One config per paper experiment; each imports `default` and overrides fields."""

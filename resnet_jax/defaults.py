@@ -1,0 +1,152 @@
+"""Every config field and its default (the paper's CIFAR-10 recipe for ResNet-20), and how configs are read.
+
+The experiment files in the repository's configs/ call `get_config()` or `get_imagenet_config()` and override
+fields; they are loaded by path, never installed. Command-line overrides such as
+`--config.train.num_steps=200` work on every field listed here.
+"""
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.name = 'default'
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.family = 'cifar'  # 'cifar' | 'imagenet'
+  config.model.depth = 20
+  config.model.residual = True  # False: the paper's plain counterpart
+  config.model.shortcut = 'A'  # 'A' zero-pad identity | 'B' projection when shape changes | 'C' always
+  config.model.num_classes = 10
+  config.model.dtype = 'float32'  # computation dtype
+  config.model.param_dtype = 'float32'
+  config.model.stride_on_3x3 = False  # True: "v1.5" bottleneck; the paper strides the first 1x1
+  config.model.init_mode = 'fan_in'  # He init over 'fan_in' (the paper) or 'fan_out'
+  config.model.zero_init_last_bn = False  # not in the paper
+  # BN statistics over groups of this many examples (the paper's per-GPU BN: 64 for CIFAR, 32 for
+  # ImageNet); 0 = over the global batch, synchronised across devices (this codebase's default).
+  config.model.bn_group_size = 0
+  config.model.remat = False  # True: recompute each block's activations in the backward pass (less memory)
+  config.model.scan_blocks = False  # True: nn.scan over each stage's identical blocks (flat compile time)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'cifar10'
+  config.data.source = 'tfds'  # 'tfds' | 'image_folder' | 'synthetic'
+  config.data.data_dir = ''  # tfds data_dir; '' = tfds default (~/tensorflow_datasets)
+  config.data.image_folder = ''  # split/class/image tree, or a .tar.gz of one
+  config.data.cache_dir = ''  # decoded arrays and mean image; '' = ~/.cache/resnet_jax
+  config.data.image_size = 32  # CIFAR: the image size; ImageNet: the training and 1-crop crop size
+  config.data.train_split = 'train'  # tfds split names; image_folder: the split folders' names
+  config.data.eval_split = 'test'
+  config.data.on_device = False  # True: dataset on the accelerator, augmentation inside the compiled step
+  config.data.val_split = 0  # >0: hold out this many training images and evaluate on them (45k/5k)
+  config.data.train_limit = 0  # >0: train on a fixed subset of this many images (debugging, tests)
+  config.data.eval_limit = 0  # >0: evaluate on the first this many images
+  config.data.prefetch = 2  # batches placed on devices ahead of the step
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128  # global, over all devices of all hosts
+  config.train.eval_batch_size = 1024  # a power of two divides any device count up to it
+  config.train.num_steps = 64_000
+  config.train.log_every_steps = 100
+  config.train.eval_every_steps = 2_000
+  config.train.checkpoint_every_steps = 2_000
+  config.train.keep_checkpoints = 3
+  # The released models' BN statistics: exact averages over this many training images after training.
+  config.train.recompute_bn_stats = False
+  config.train.bn_stats_images = 10_000
+  config.train.steps_per_dispatch = 1  # k > 1: k steps per compiled call (lax.scan); intervals multiples of k
+  config.train.on_nonfinite = 'stop'  # a non-finite loss: 'stop' (naming the step) | 'skip' the step's update
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.momentum_style = 'caffe'  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g, w -= lr*v
+  #                                            | 'dampened': v = m*v + (1-m)*lr*g
+  config.optimizer.schedule = 'steps'  # 'steps': decay at `boundaries` | 'plateau': when the held-out error stalls
+  config.optimizer.boundaries = (32_000, 48_000)  # iterations where the lr is multiplied by decay
+  config.optimizer.decay = 0.1
+  # schedule='plateau': decay after this many evaluations in a row without the held-out error falling more
+  # than plateau_threshold (a fraction: 0.001 = 0.1 points) below its best.
+  config.optimizer.plateau_patience = 3
+  config.optimizer.plateau_threshold = 0.001
+  # ResNet-110's warm-up: warmup_learning_rate until the training error of a step's batch falls
+  # below warmup_error, or for at most warmup_max_steps. 0 = no warm-up.
+  config.optimizer.warmup_learning_rate = 0.0
+  config.optimizer.warmup_error = 0.8
+  config.optimizer.warmup_max_steps = 2_000
+  return config
+
+
+STEPS_PER_EPOCH = 1_281_167 // 256  # ImageNet-1k training images per global batch of 256: 5,004
+
+
+def get_imagenet_config():
+  """The paper's ImageNet recipe (section 3.4): batch 256, lr 0.1 divided by 10 when the error plateaus, up to
+  60 x 10^4 iterations, weight decay 1e-4, momentum 0.9, no dropout, scale and colour augmentation."""
+  config = get_config()
+  config.model.family = 'imagenet'
+  config.model.depth = 50
+  config.model.shortcut = 'B'
+  config.model.num_classes = 1000
+
+  config.data.name = 'imagenet2012'
+  config.data.image_size = 224  # the training and 1-crop/10-crop crop size
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'  # image_folder: a folder validation/ or val/
+  config.data.augment = 'paper'  # 'paper': shorter side in [scale_min, scale_max], crop | 'inception'
+  config.data.scale_min = 256
+  config.data.scale_max = 480
+  config.data.lighting_std = 0.1  # AlexNet's PCA colour noise; 0 = off
+  config.data.eval_resize = 256  # 1-crop and 10-crop: the shorter side before cropping
+  config.data.eval_scales = (224, 256, 384, 480, 640)  # multi-scale testing: the shorter sides
+  config.data.mean_images = 10_000  # training images whose 1-crop views give the per-pixel mean
+  config.data.threads = 0  # tf.data threads; 0 = one per core
+
+  config.train.batch_size = 256
+  config.train.eval_batch_size = 256  # 10-crop evaluates 10x as many views per batch
+  config.train.num_steps = 600_000
+  config.train.log_every_steps = 500
+  config.train.eval_every_steps = STEPS_PER_EPOCH  # the plateau rule watches the 1-crop error each epoch
+  config.train.checkpoint_every_steps = STEPS_PER_EPOCH
+  config.train.recompute_bn_stats = True  # the released models' exact post-training BN statistics
+
+  config.optimizer.schedule = 'plateau'
+  config.optimizer.plateau_patience = 3
+  config.optimizer.plateau_threshold = 0.001
+  config.optimizer.boundaries = tuple(e * STEPS_PER_EPOCH for e in (30, 60, 90))  # for schedule='steps'
+  return config
+
+
+def load_file(path):
+  """The config of an experiment file such as configs/cifar10_20.py, loaded by path."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def from_workdir(workdir):
+  """The config a workdir was trained with (its config.json), on top of today's defaults.
+
+  Fields added after the run was started take their default values, so tools keep working on older runs;
+  tuples come back as tuples.
+  """
+  with open(os.path.join(os.path.expanduser(workdir), 'config.json')) as f:
+    saved = json.load(f)
+  config = get_config()
+
+  def merge(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node:
+        merge(node[key], value)
+      else:
+        node[key] = tuple(value) if isinstance(node.get(key), tuple) else value
+
+  merge(config, saved)
+  return config
