@@ -1,27 +1,43 @@
-"""resnet_jax: the networks, recipes and figures of He et al., "Deep Residual Learning" (CVPR 2016), in JAX."""
+"""resnet_jax: the networks, recipes and figures of He et al., "Deep Residual Learning" (CVPR 2016), in JAX.
+
+One installed package, resnet_jax; the experiment configs in configs/ are loaded by path from a checkout.
+"""
+
 import setuptools
 
 setuptools.setup(
-    name='resnet_jax',
-    version='0.1.0',
-    description='Reproduce "Deep Residual Learning for Image Recognition" with JAX and Flax.',
-    packages=['resnet_jax', 'configs'],
-    python_requires='>=3.10',
-    install_requires=[
-        'jax>=0.10.2',
-        'flax>=0.12.8',
-        'optax>=0.2.8',
-        'orbax-checkpoint>=0.12.8',
-        'clu==0.0.12',
-        'ml_collections>=1.1.0',
-        'tensorflow-cpu>=2.21',
-        'tensorflow-datasets>=4.9.10',
-        'tensorboard',
-        'importlib_resources',
-        'pillow',
+  name='resnet_jax',
+  version='0.1.0',
+  description='Reproduce "Deep Residual Learning for Image Recognition" with JAX and Flax.',
+  packages=['resnet_jax', 'resnet_jax.data'],
+  python_requires='>=3.10',
+  install_requires=[
+    'absl-py',
+    'clu>=0.0.12',
+    'flax>=0.12.8',
+    'jax>=0.10.2',
+    'ml_collections>=1.1.0',
+    'numpy',
+    'optax>=0.2.8',
+    'orbax-checkpoint>=0.12.8',
+    'pillow',
+    'protobuf',  # reading the released Caffe models
+    'tensorflow-cpu>=2.21',  # tf.data for ImageNet, TensorBoard events
+    'tensorflow-datasets>=4.9.10',
+  ],
+  extras_require={
+    'test': [
+      'ipykernel',
+      'matplotlib',
+      'nbclient',
+      'nbformat',
+      'pytest',
+      'ruff',
+      # The PyTorch twin and the torchvision conversion tests. Pinned as a pair: these two load their
+      # operators together (a torchvision beside another torch build fails to import).
+      'torch==2.14.1',
+      'torchvision==0.29.1',
     ],
-    extras_require={
-        'test': ['pytest', 'matplotlib', 'nbformat', 'nbclient', 'ipykernel'],
-        'bench': ['torch'],  # experiments/benchmark.py's PyTorch twin
-    },
+    'bench': ['torch'],  # experiments/benchmark.py's PyTorch twin
+  },
 )

@@ -3,6 +3,7 @@
 "We use 0.01 to warm up the training until the training error is below 80% (about 400
 iterations), and then go back to 0.1."
 """
+
 from resnet_jax import defaults
 
 

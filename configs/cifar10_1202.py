@@ -1,4 +1,5 @@
 """CIFAR-10 ResNet-1202, option A (paper section 4.2, Table 6)."""
+
 from resnet_jax import defaults
 
 

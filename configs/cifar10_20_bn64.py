@@ -2,6 +2,7 @@
 
 The default normalises over the global batch of 128 (sync BN); the paper's Caffe BN saw each GPU's 64.
 """
+
 from resnet_jax import defaults
 
 

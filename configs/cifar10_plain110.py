@@ -1,4 +1,5 @@
 """CIFAR-10 plain-110: the ResNet-110 layers without shortcuts (paper Fig. 6, left)."""
+
 from resnet_jax import defaults
 
 

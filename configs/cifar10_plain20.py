@@ -1,4 +1,5 @@
 """CIFAR-10 plain-20: the ResNet-20 layers without shortcuts (paper Fig. 6, left)."""
+
 from resnet_jax import defaults
 
 

@@ -1,4 +1,5 @@
 """CIFAR-10 plain-44: the ResNet-44 layers without shortcuts (paper Fig. 6, left)."""
+
 from resnet_jax import defaults
 
 

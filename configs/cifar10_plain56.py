@@ -1,4 +1,5 @@
 """CIFAR-10 plain-56: the ResNet-56 layers without shortcuts (paper Fig. 6, left)."""
+
 from resnet_jax import defaults
 
 

@@ -1,4 +1,5 @@
 """ImageNet plain-18: ResNet-18's layers without shortcuts (Table 2, Fig. 4 left)."""
+
 from resnet_jax import defaults
 
 

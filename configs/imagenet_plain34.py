@@ -1,4 +1,5 @@
 """ImageNet plain-34: ResNet-34's layers without shortcuts (Tables 2 and 3, Fig. 4 left)."""
+
 from resnet_jax import defaults
 
 

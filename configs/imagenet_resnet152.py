@@ -1,4 +1,5 @@
 """ImageNet ResNet-152, bottleneck blocks, option B, stride on the first 1x1 (Tables 3-5)."""
+
 from resnet_jax import defaults
 
 

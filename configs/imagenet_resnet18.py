@@ -1,4 +1,5 @@
 """ImageNet ResNet-18 with option A shortcuts (Table 2, Fig. 4 right)."""
+
 from resnet_jax import defaults
 
 

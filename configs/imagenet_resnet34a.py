@@ -1,4 +1,5 @@
 """ImageNet ResNet-34 with option A: zero-padding identity shortcuts (Tables 2 and 3)."""
+
 from resnet_jax import defaults
 
 

@@ -1,4 +1,5 @@
 """ImageNet ResNet-34 with option B: projections where dimensions increase (Tables 3 and 4)."""
+
 from resnet_jax import defaults
 
 

@@ -1,4 +1,5 @@
 """ImageNet ResNet-34 with option C: projections on every shortcut (Tables 3 and 4)."""
+
 from resnet_jax import defaults
 
 

@@ -12,6 +12,7 @@ The frameworks take turns window by window (`--repeats` windows each, the median
 the load of a shared host falls on all of them alike.
 Writes experiments/results/benchmarks.md (`--out`), replacing the section of the same device.
 """
+
 import argparse
 import dataclasses
 import datetime
@@ -28,14 +29,12 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
+
 import flax
 import jax
 import numpy as np
 
-from resnet_jax import defaults
-from resnet_jax import models, optim, parallel, summary, train
-# pylint: enable=g-import-not-at-top,wrong-import-position
+from resnet_jax import defaults, models, optim, parallel, summary, train
 
 RESULTS = ROOT / 'experiments' / 'results' / 'benchmarks.md'
 # Dense peak FLOP/s by device name (first matching substring wins) and our dtype, from the vendors' datasheets
@@ -43,17 +42,28 @@ RESULTS = ROOT / 'experiments' / 'results' / 'benchmarks.md'
 # the rate float32 convs run at by default: TF32 tensor cores on NVIDIA (XLA's default precision and cuDNN's
 # allow_tf32 both use them; strict FP32 would be H100 SXM 67e12, A100 19.5e12), one bf16 pass on TPU.
 PEAKS = (
-    ('H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
-    ('H100', {'bfloat16': 989e12, 'float32': 494e12}),  # SXM
-    ('H200', {'bfloat16': 989e12, 'float32': 494e12}),  # SXM: the H100's compute
-    ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
-    ('TPU v4', {'bfloat16': 275e12, 'float32': 275e12}),
-    ('TPU v5 lite', {'bfloat16': 197e12, 'float32': 197e12}),  # v5e
-    ('TPU v5', {'bfloat16': 459e12, 'float32': 459e12}),  # v5p
-    ('TPU v6 lite', {'bfloat16': 918e12, 'float32': 918e12}),  # v6e
+  ('H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
+  ('H100', {'bfloat16': 989e12, 'float32': 494e12}),  # SXM
+  ('H200', {'bfloat16': 989e12, 'float32': 494e12}),  # SXM: the H100's compute
+  ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
+  ('TPU v4', {'bfloat16': 275e12, 'float32': 275e12}),
+  ('TPU v5 lite', {'bfloat16': 197e12, 'float32': 197e12}),  # v5e
+  ('TPU v5', {'bfloat16': 459e12, 'float32': 459e12}),  # v5p
+  ('TPU v6 lite', {'bfloat16': 918e12, 'float32': 918e12}),  # v6e
 )
-COLUMNS = ('framework', 'mode', 'model', 'batch', 'dtype', 'params', 'ms/step', 'images/s', 'TFLOP/s', 'MFU',
-           'timed steps')
+COLUMNS = (
+  'framework',
+  'mode',
+  'model',
+  'batch',
+  'dtype',
+  'params',
+  'ms/step',
+  'images/s',
+  'TFLOP/s',
+  'MFU',
+  'timed steps',
+)
 HEADER = """# Training-step throughput: resnet_jax against its PyTorch twin
 
 Written by `python experiments/benchmark.py` (never by hand). One section per device: a new run on the same
@@ -90,9 +100,14 @@ def parse_grid(text):
   for entry in filter(None, (e.strip() for e in text.split(','))):
     fields = entry.split(':')
     match = re.fullmatch(r'(cifar|imagenet)(\d+)', fields[0])
-    if not match or len(fields) not in (3, 4) or not all(f.isdigit() for f in fields[1:2] + fields[3:]):
-      raise ValueError(f'bad grid entry {entry!r}: use MODEL:BATCH:DTYPE[:IMAGE_SIZE], '
-                       'e.g. cifar20:128:float32')
+    if (
+      not match
+      or len(fields) not in (3, 4)
+      or not all(f.isdigit() for f in fields[1:2] + fields[3:])
+    ):
+      raise ValueError(
+        f'bad grid entry {entry!r}: use MODEL:BATCH:DTYPE[:IMAGE_SIZE], e.g. cifar20:128:float32'
+      )
     if fields[2] not in ('float32', 'bfloat16'):
       raise ValueError(f'bad dtype {fields[2]!r} in {entry!r}: use float32 or bfloat16')
     family = match.group(1)
@@ -108,7 +123,9 @@ def make_config(spec):
   config.model.dtype = spec.dtype
   config.data.image_size = spec.image_size
   config.train.batch_size = spec.batch
-  config.optimizer.momentum_style = 'pytorch'  # same cost as 'caffe'; the update torch.optim.SGD makes
+  config.optimizer.momentum_style = (
+    'pytorch'  # same cost as 'caffe'; the update torch.optim.SGD makes
+  )
   models.create(config.model)  # a bad depth fails here, before any timing
   return config
 
@@ -125,6 +142,7 @@ def peak_flops(device_name, dtype, override_tflops=None):
 @dataclasses.dataclass
 class Runner:
   """One framework's training step for one grid entry, ready to time."""
+
   framework: str
   mode: str
   spec: Spec
@@ -144,10 +162,12 @@ def first_step(runner):
   try:
     runner.step()
     runner.sync()
-  except Exception as e:  # pylint: disable=broad-except  # inductor needs a working compiler toolchain
+  except Exception as e:  # inductor needs a working compiler toolchain
     if not runner.compiles_first:
       raise
-    raise Skipped(f'torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}') from e
+    raise Skipped(
+      f'torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+    ) from e
 
 
 def warm_up(runner, warmup):
@@ -198,13 +218,23 @@ def make_row(runner, macs, timing, override_tflops=None):
   images_per_s = spec.batch / seconds
   flops_per_image = 6 * macs
   peak = peak_flops(runner.device_name, spec.dtype, override_tflops)
-  return {'framework': runner.framework, 'mode': runner.mode, 'model': spec.name, 'batch': spec.batch,
-          'dtype': spec.dtype, 'params': runner.params, 'ms_per_step': 1e3 * seconds,
-          'images_per_s': images_per_s, 'train_flops_per_image': flops_per_image,
-          'flops_per_s': flops_per_image * images_per_s,
-          'mfu': flops_per_image * images_per_s / peak if peak else None, 'peak_flops': peak,
-          'window_ms': [1e3 * w for w in windows], 'timed': f'{len(windows)} x {steps}',
-          'device': runner.device_name}
+  return {
+    'framework': runner.framework,
+    'mode': runner.mode,
+    'model': spec.name,
+    'batch': spec.batch,
+    'dtype': spec.dtype,
+    'params': runner.params,
+    'ms_per_step': 1e3 * seconds,
+    'images_per_s': images_per_s,
+    'train_flops_per_image': flops_per_image,
+    'flops_per_s': flops_per_image * images_per_s,
+    'mfu': flops_per_image * images_per_s / peak if peak else None,
+    'peak_flops': peak,
+    'window_ms': [1e3 * w for w in windows],
+    'timed': f'{len(windows)} x {steps}',
+    'device': runner.device_name,
+  }
 
 
 def jax_device_name(devices):
@@ -230,22 +260,33 @@ def jax_runner(spec, all_devices=False):
   mesh = parallel.make_mesh(devices)
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   tx = optim.create(config.optimizer)
-  state = jax.device_put(train.create_train_state(config, model, tx, jax.random.key(0)),
-                         parallel.replicated(mesh))
+  state = jax.device_put(
+    train.create_train_state(config, model, tx, jax.random.key(0)), parallel.replicated(mesh)
+  )
   train_fn, _ = train.compile_steps(config, model, tx, mesh)
   rng = np.random.default_rng(0)
   batch = jax.device_put(
-      {'image': rng.standard_normal((spec.batch, spec.image_size, spec.image_size, 3), np.float32),
-       'label': rng.integers(0, config.model.num_classes, spec.batch).astype(np.int32)},
-      parallel.data_sharded(mesh))
+    {
+      'image': rng.standard_normal((spec.batch, spec.image_size, spec.image_size, 3), np.float32),
+      'label': rng.integers(0, config.model.num_classes, spec.batch).astype(np.int32),
+    },
+    parallel.data_sharded(mesh),
+  )
   holder = [state]
 
   def step():
     holder[0], _ = train_fn(holder[0], batch)
 
   _, params, _ = summary.count(config)
-  return Runner('JAX (ours)', f'jit, {len(devices)} device{"s" if len(devices) > 1 else ""}', spec, params,
-                jax_device_name(devices), step, lambda: jax.block_until_ready(holder[0]))
+  return Runner(
+    'JAX (ours)',
+    f'jit, {len(devices)} device{"s" if len(devices) > 1 else ""}',
+    spec,
+    params,
+    jax_device_name(devices),
+    step,
+    lambda: jax.block_until_ready(holder[0]),
+  )
 
 
 TORCH_MODES = ('eager', 'compile', 'eager, channels_last', 'compile, channels_last')
@@ -257,15 +298,18 @@ def torch_modes(device):
 
 
 def torch_device_name(device):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   return torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
 
 
 def torch_runner(spec, mode, device=None):
   """The twin's training step: SGD as ours (decay on conv/fc weights only), cross-entropy, train-mode BN."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from experiments import torch_twin  # pylint: disable=g-import-not-at-top
+  import torch
+  import torch.nn.functional as F
+
+  from experiments import torch_twin
+
   device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   if mode not in TORCH_MODES:
     raise ValueError(f'unknown PyTorch mode {mode!r}')
@@ -278,13 +322,19 @@ def torch_runner(spec, mode, device=None):
   memory_format = torch.channels_last if 'channels_last' in mode else torch.contiguous_format
   net = net.to(memory_format=memory_format)
   opt_config = config.optimizer
-  groups = [{'params': [p for p in net.parameters() if p.ndim > 1], 'weight_decay': opt_config.weight_decay},
-            {'params': [p for p in net.parameters() if p.ndim <= 1], 'weight_decay': 0.0}]
+  groups = [
+    {
+      'params': [p for p in net.parameters() if p.ndim > 1],
+      'weight_decay': opt_config.weight_decay,
+    },
+    {'params': [p for p in net.parameters() if p.ndim <= 1], 'weight_decay': 0.0},
+  ]
   opt = torch.optim.SGD(groups, lr=opt_config.learning_rate, momentum=opt_config.momentum)
   compiled = mode.startswith('compile')
   forward = torch.compile(net) if compiled else net
   x = torch.randn(spec.batch, 3, spec.image_size, spec.image_size, device=device).contiguous(
-      memory_format=memory_format)
+    memory_format=memory_format
+  )
   y = torch.randint(0, config.model.num_classes, (spec.batch,), device=device)
 
   def step():
@@ -295,8 +345,16 @@ def torch_runner(spec, mode, device=None):
     opt.step()
 
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-  return Runner('PyTorch (twin)', mode, spec, torch_twin.num_params(net), torch_device_name(device), step,
-                sync, compiles_first=compiled)
+  return Runner(
+    'PyTorch (twin)',
+    mode,
+    spec,
+    torch_twin.num_params(net),
+    torch_device_name(device),
+    step,
+    sync,
+    compiles_first=compiled,
+  )
 
 
 def bench(runner, steps, warmup, repeats=1, window_s=0.0, override_tflops=None):
@@ -314,16 +372,19 @@ def table(rows):
   align = ('---', '---', '---', '---:', '---', '---:', '---:', '---:', '---:', '---:', '---:')
   lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '|'.join(align) + '|']
   for r in rows:
-    lines.append(f'| {r["framework"]} | {r["mode"]} | {r["model"]} | {r["batch"]} | {r["dtype"]} | '
-                 f'{r["params"]:,} | {r["ms_per_step"]:.1f} | {r["images_per_s"]:.1f} | '
-                 f'{r["flops_per_s"] / 1e12:.3g} | {_mfu(r)} | {r["timed"]} |')
+    lines.append(
+      f'| {r["framework"]} | {r["mode"]} | {r["model"]} | {r["batch"]} | {r["dtype"]} | '
+      f'{r["params"]:,} | {r["ms_per_step"]:.1f} | {r["images_per_s"]:.1f} | '
+      f'{r["flops_per_s"] / 1e12:.3g} | {_mfu(r)} | {r["timed"]} |'
+    )
   return lines
 
 
 def versions():
   out = {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__}
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
+
     out['torch'] = torch.__version__
   except ImportError:
     out['torch'] = 'not installed'
@@ -335,19 +396,29 @@ def section(device, rows, notes, command, load_before, load_after, load_during=(
   """The markdown section of one run; its heading names the device, which `write` matches on."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   torch = sys.modules.get('torch')
-  torch_threads = (f', PyTorch uses {torch.get_num_threads()} threads with OMP_WAIT_POLICY='
-                   f'{os.environ.get("OMP_WAIT_POLICY", "unset")}' if torch else '')
+  torch_threads = (
+    f', PyTorch uses {torch.get_num_threads()} threads with OMP_WAIT_POLICY='
+    f'{os.environ.get("OMP_WAIT_POLICY", "unset")}'
+    if torch
+    else ''
+  )
   during = f'{min(load_during):.2f} to {max(load_during):.2f}' if load_during else 'n/a'
-  peaks = sorted({f'{r["dtype"]} {r["peak_flops"] / 1e12:g} TFLOP/s' for r in rows if r['peak_flops']})
-  lines = [f'## {device}', '',
-           f'- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}',
-           f'- device: {device}; JAX backend {jax.default_backend()}, '
-           f'{jax.local_device_count()} local device(s)',
-           f'- host: {os.cpu_count()} CPU cores ({cores} usable){torch_threads}; load average (1 min) '
-           f'{load_before:.2f} before, {during} while timing, {load_after:.2f} after',
-           '- versions: ' + ', '.join(f'{k} {v}' for k, v in versions().items()),
-           f'- command: `{command}`',
-           f'- peak used for MFU: {", ".join(peaks) if peaks else "none known (n/a)"}', '']
+  peaks = sorted(
+    {f'{r["dtype"]} {r["peak_flops"] / 1e12:g} TFLOP/s' for r in rows if r['peak_flops']}
+  )
+  lines = [
+    f'## {device}',
+    '',
+    f'- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}',
+    f'- device: {device}; JAX backend {jax.default_backend()}, '
+    f'{jax.local_device_count()} local device(s)',
+    f'- host: {os.cpu_count()} CPU cores ({cores} usable){torch_threads}; load average (1 min) '
+    f'{load_before:.2f} before, {during} while timing, {load_after:.2f} after',
+    '- versions: ' + ', '.join(f'{k} {v}' for k, v in versions().items()),
+    f'- command: `{command}`',
+    f'- peak used for MFU: {", ".join(peaks) if peaks else "none known (n/a)"}',
+    '',
+  ]
   lines += table(rows)
   if notes:
     lines += [''] + [f'- {n}' for n in notes]
@@ -374,19 +445,41 @@ def write(path, device, text):
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--grid', default='cifar20:128:float32,imagenet50:32:float32',
-                      help='MODEL:BATCH:DTYPE[:IMAGE_SIZE] entries, comma-separated')
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--grid',
+    default='cifar20:128:float32,imagenet50:32:float32',
+    help='MODEL:BATCH:DTYPE[:IMAGE_SIZE] entries, comma-separated',
+  )
   parser.add_argument('--steps', type=int, default=10, help='timed steps per window')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after the first (compiling) one')
-  parser.add_argument('--repeats', type=int, default=3, help='timed windows; the median is reported')
-  parser.add_argument('--window_s', type=float, default=0.0,
-                      help='>0: fewer steps per window where --steps would take longer than this')
+  parser.add_argument(
+    '--warmup', type=int, default=2, help='untimed steps after the first (compiling) one'
+  )
+  parser.add_argument(
+    '--repeats', type=int, default=3, help='timed windows; the median is reported'
+  )
+  parser.add_argument(
+    '--window_s',
+    type=float,
+    default=0.0,
+    help='>0: fewer steps per window where --steps would take longer than this',
+  )
   parser.add_argument('--frameworks', default='jax,torch', help='jax, torch or both')
-  parser.add_argument('--torch_modes', default='', help='";"-separated, among: ' + '; '.join(TORCH_MODES) +
-                      ' (default: eager and compile, plus their channels_last forms on GPU)')
-  parser.add_argument('--all_devices', action='store_true', help='ours on every local device, not one')
-  parser.add_argument('--peak_tflops', type=float, help='peak TFLOP/s for MFU (default: the datasheet table)')
+  parser.add_argument(
+    '--torch_modes',
+    default='',
+    help='";"-separated, among: '
+    + '; '.join(TORCH_MODES)
+    + ' (default: eager and compile, plus their channels_last forms on GPU)',
+  )
+  parser.add_argument(
+    '--all_devices', action='store_true', help='ours on every local device, not one'
+  )
+  parser.add_argument(
+    '--peak_tflops', type=float, help='peak TFLOP/s for MFU (default: the datasheet table)'
+  )
   parser.add_argument('--out', default=str(RESULTS), help='the markdown file to update')
   args = parser.parse_args(argv)
   try:
@@ -403,15 +496,21 @@ def main(argv=None):
   if 'torch' in frameworks:
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: see HEADER
     try:
-      import torch  # pylint: disable=g-import-not-at-top
+      import torch
     except ImportError:
       parser.error("--frameworks=torch needs PyTorch: pip install -e '.[bench]'")
     torch_device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    modes = [m.strip() for m in args.torch_modes.split(';') if m.strip()] or torch_modes(torch_device)
+    modes = [m.strip() for m in args.torch_modes.split(';') if m.strip()] or torch_modes(
+      torch_device
+    )
     if set(modes) - set(TORCH_MODES):
-      parser.error(f'--torch_modes takes modes among {"; ".join(TORCH_MODES)}, got {args.torch_modes!r}')
-    print(f'PyTorch {torch.__version__} on {torch_device_name(torch_device)}, '
-          f'{torch.get_num_threads()} threads')
+      parser.error(
+        f'--torch_modes takes modes among {"; ".join(TORCH_MODES)}, got {args.torch_modes!r}'
+      )
+    print(
+      f'PyTorch {torch.__version__} on {torch_device_name(torch_device)}, '
+      f'{torch.get_num_threads()} threads'
+    )
     if frameworks == {'torch'}:
       device = torch_device_name(torch_device)
     elif torch_device_name(torch_device) != device:
@@ -425,7 +524,8 @@ def main(argv=None):
     _, ours_params, macs = summary.count(config)
     counts = f'{spec.name}: {ours_params:,} params (ours)'
     if 'torch' in frameworks:
-      from experiments import torch_twin  # pylint: disable=g-import-not-at-top
+      from experiments import torch_twin
+
       twin_params = torch_twin.num_params(torch_twin.build(config.model))
       counts += f', {twin_params:,} (twin){"" if twin_params == ours_params else "  MISMATCH"}'
     print(f'{counts}; {macs / 1e9:.3f} G forward multiply-adds per image')
@@ -445,18 +545,24 @@ def main(argv=None):
         ready.append(runner)
       except Skipped as e:
         print(f'skipped PyTorch {runner.mode}, {spec.name}: {e}')
-        notes.append(f'skipped PyTorch {runner.mode}, {spec.name}, batch {spec.batch}, {spec.dtype}: {e}')
+        notes.append(
+          f'skipped PyTorch {runner.mode}, {spec.name}, batch {spec.batch}, {spec.dtype}: {e}'
+        )
     for i, timing in measure(ready, args.steps, args.warmup, args.repeats, args.window_s).items():
       row = make_row(ready[i], macs, timing, args.peak_tflops)
       rows.append(row)
-      print(f'{row["framework"]} {row["mode"]}, {spec.name} batch {spec.batch} {spec.dtype}: '
-            f'{row["ms_per_step"]:.1f} ms/step, {row["images_per_s"]:.1f} images/s, MFU {_mfu(row)} '
-            f'({row["timed"]} steps, windows {", ".join(f"{w:.0f}" for w in row["window_ms"])} ms/step)',
-            flush=True)
+      print(
+        f'{row["framework"]} {row["mode"]}, {spec.name} batch {spec.batch} {spec.dtype}: '
+        f'{row["ms_per_step"]:.1f} ms/step, {row["images_per_s"]:.1f} images/s, MFU {_mfu(row)} '
+        f'({row["timed"]} steps, windows {", ".join(f"{w:.0f}" for w in row["window_ms"])} ms/step)',
+        flush=True,
+      )
   load_after = os.getloadavg()[0]
   command = 'python experiments/benchmark.py ' + ' '.join(shlex.quote(a) for a in argv)
   if args.all_devices:
-    notes.append(f'ours split each batch over all {jax.local_device_count()} local devices (sync BN).')
+    notes.append(
+      f'ours split each batch over all {jax.local_device_count()} local devices (sync BN).'
+    )
   text = section(device, rows, notes, command, load_before, load_after, LOAD)
   print('\n' + text)
   write(args.out, device, text)

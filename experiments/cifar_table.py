@@ -15,6 +15,7 @@ first), with `python -m resnet_jax.main --config=configs/cifar10_<depth>.py
 A workdir that is already there is resumed. On CPU this takes days (ResNet-1202 much longer); the point is
 that one command does it, anywhere.
 """
+
 import argparse
 import datetime
 import json
@@ -26,14 +27,30 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from resnet_jax import defaults  # noqa: E402
+from resnet_jax import defaults
 
 DEPTHS = (20, 32, 44, 56, 110, 1202)
-PAPER = {20: '8.75', 32: '7.51', 44: '7.17', 56: '6.97', 110: '6.43 (6.61 ± 0.16)', 1202: '7.93'}  # Table 6
-RECIPE = ('model', 'optimizer', 'train.batch_size', 'train.num_steps', 'data.name', 'data.image_size',
-          'data.val_split', 'data.train_limit', 'data.eval_limit')  # what changes the result
+PAPER = {
+  20: '8.75',
+  32: '7.51',
+  44: '7.17',
+  56: '6.97',
+  110: '6.43 (6.61 ± 0.16)',
+  1202: '7.93',
+}  # Table 6
+RECIPE = (
+  'model',
+  'optimizer',
+  'train.batch_size',
+  'train.num_steps',
+  'data.name',
+  'data.image_size',
+  'data.val_split',
+  'data.train_limit',
+  'data.eval_limit',
+)  # what changes the result
 
 
 def reference(depth):
@@ -52,8 +69,11 @@ def _differences(config, ref):
   for key in RECIPE:
     section, _, field = key.partition('.')
     fields = [field] if field else sorted(ref[section])
-    diffs += [f'{section}.{f}' for f in fields
-              if f in config.get(section, {}) and config[section][f] != ref[section][f]]
+    diffs += [
+      f'{section}.{f}'
+      for f in fields
+      if f in config.get(section, {}) and config[section][f] != ref[section][f]
+    ]
   if config.get('data', {}).get('source') == 'synthetic':
     diffs.append('data.source=synthetic')
   return diffs
@@ -76,8 +96,14 @@ def classify(workdir):
     return None
   depth = int(match[1])
   ref = reference(depth)
-  run = {'workdir': workdir, 'name': name, 'depth': depth, 'seed': (config or {}).get('seed'), 'results': results,
-         'num_steps': ref['train']['num_steps']}
+  run = {
+    'workdir': workdir,
+    'name': name,
+    'depth': depth,
+    'seed': (config or {}).get('seed'),
+    'results': results,
+    'num_steps': ref['train']['num_steps'],
+  }
   run['steps'] = results['steps'] if results else _last_logged_step(workdir)
   if results is None:
     return 'partial', {**run, 'why': 'no results.json: running or interrupted'}
@@ -118,30 +144,47 @@ def _duration(seconds):
 
 def describe(run):
   r = run['results']
-  text = (f"seed {run['seed']}: {100 * r['test_error']:.2f}%, {r.get('device_kind')} × {r.get('device_count')}, "
-          f"{r['steps']:,} steps, {_duration(r.get('wall_time_s', 0))}")
+  text = (
+    f'seed {run["seed"]}: {100 * r["test_error"]:.2f}%, {r.get("device_kind")} × {r.get("device_count")}, '
+    f'{r["steps"]:,} steps, {_duration(r.get("wall_time_s", 0))}'
+  )
   if r.get('start_step'):
-    text += f" (last session only: resumed at step {r['start_step']:,})"
+    text += f' (last session only: resumed at step {r["start_step"]:,})'
   return text
 
 
 def table(found, runs_dir):
-  lines = ['# CIFAR-10 ResNets against the paper (Table 6)', '',
-           f'Written by `python experiments/cifar_table.py` on {datetime.date.today()} from `{runs_dir}`. Test '
-           'error (%) of the final model (the last evaluation, on the 10,000 test images) of each run that '
-           'finished the recipe of `configs/cifar10_<depth>.py` (64,000 iterations); best (mean ± std) over '
-           'seeds, std with ddof=1. The paper gives best (mean ± std) of 5 runs for ResNet-110 and one number '
-           'for the others.', '',
-           '| network | paper error (%) | ours: best (mean ± std) | seeds | runs: seed, error, hardware, steps, '
-           'wall time |', '|---|---:|---:|---:|---|']
+  lines = [
+    '# CIFAR-10 ResNets against the paper (Table 6)',
+    '',
+    f'Written by `python experiments/cifar_table.py` on {datetime.date.today()} from `{runs_dir}`. Test '
+    'error (%) of the final model (the last evaluation, on the 10,000 test images) of each run that '
+    'finished the recipe of `configs/cifar10_<depth>.py` (64,000 iterations); best (mean ± std) over '
+    'seeds, std with ddof=1. The paper gives best (mean ± std) of 5 runs for ResNet-110 and one number '
+    'for the others.',
+    '',
+    '| network | paper error (%) | ours: best (mean ± std) | seeds | runs: seed, error, hardware, steps, '
+    'wall time |',
+    '|---|---:|---:|---:|---|',
+  ]
   for depth, runs in found['finished'].items():
     runs = sorted(runs, key=lambda r: (r['seed'] is None, r['seed'] or 0))
-    ours = summary([100 * r['results']['test_error'] for r in runs]) if runs else 'not reproduced yet'
-    lines.append(f'| ResNet-{depth} | {PAPER[depth]} | {ours} | {len(runs)} | {"; ".join(map(describe, runs))} |')
-  for status, title in (('partial', 'Partial runs (not counted)'), ('other', 'Other runs (not counted)')):
+    ours = (
+      summary([100 * r['results']['test_error'] for r in runs]) if runs else 'not reproduced yet'
+    )
+    lines.append(
+      f'| ResNet-{depth} | {PAPER[depth]} | {ours} | {len(runs)} | {"; ".join(map(describe, runs))} |'
+    )
+  for status, title in (
+    ('partial', 'Partial runs (not counted)'),
+    ('other', 'Other runs (not counted)'),
+  ):
     lines += ['', f'## {title}', '']
-    lines += [f"- `{r['workdir']}`: {r['name']} seed {r['seed']}, {r['steps']:,} of {r['num_steps']:,} steps; "
-              f"{r['why']}" for r in found[status]] or ['none']
+    lines += [
+      f'- `{r["workdir"]}`: {r["name"]} seed {r["seed"]}, {r["steps"]:,} of {r["num_steps"]:,} steps; '
+      f'{r["why"]}'
+      for r in found[status]
+    ] or ['none']
   return '\n'.join(lines) + '\n'
 
 
@@ -159,8 +202,14 @@ def missing(found, depths, seeds):
 
 
 def launch_command(depth, seed, runs_dir):
-  return [sys.executable, '-m', 'resnet_jax.main', f'--config=configs/cifar10_{depth}.py',
-          f'--workdir={runs_dir / f"cifar10_{depth}_seed{seed}"}', f'--config.seed={seed}']
+  return [
+    sys.executable,
+    '-m',
+    'resnet_jax.main',
+    f'--config=configs/cifar10_{depth}.py',
+    f'--workdir={runs_dir / f"cifar10_{depth}_seed{seed}"}',
+    f'--config.seed={seed}',
+  ]
 
 
 def launch(runs_dir, out, depths, seeds):
@@ -170,18 +219,38 @@ def launch(runs_dir, out, depths, seeds):
     code = subprocess.run(cmd, cwd=ROOT, check=False).returncode
     write_table(runs_dir, out)
     if code:
-      sys.exit(f'ResNet-{depth} seed {seed} failed (exit code {code}); rerun the same command to resume it.')
+      sys.exit(
+        f'ResNet-{depth} seed {seed} failed (exit code {code}); rerun the same command to resume it.'
+      )
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--runs_dir', type=pathlib.Path, default=ROOT / 'runs', help='where the workdirs are')
-  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'experiments' / 'results' / 'table6.md',
-                      help='the Markdown table')
-  parser.add_argument('--seeds', type=int, default=1, help='with --launch: seeds 0..S-1 of each depth')
-  parser.add_argument('--depths', type=int, nargs='+', default=list(DEPTHS), choices=DEPTHS,
-                      help='with --launch: the depths to train')
-  parser.add_argument('--launch', action='store_true', help='train the missing runs first (days on CPU)')
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--runs_dir', type=pathlib.Path, default=ROOT / 'runs', help='where the workdirs are'
+  )
+  parser.add_argument(
+    '--out',
+    type=pathlib.Path,
+    default=ROOT / 'experiments' / 'results' / 'table6.md',
+    help='the Markdown table',
+  )
+  parser.add_argument(
+    '--seeds', type=int, default=1, help='with --launch: seeds 0..S-1 of each depth'
+  )
+  parser.add_argument(
+    '--depths',
+    type=int,
+    nargs='+',
+    default=list(DEPTHS),
+    choices=DEPTHS,
+    help='with --launch: the depths to train',
+  )
+  parser.add_argument(
+    '--launch', action='store_true', help='train the missing runs first (days on CPU)'
+  )
   args = parser.parse_args(argv)
   runs_dir = args.runs_dir.resolve()
   if args.launch:

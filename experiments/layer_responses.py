@@ -12,6 +12,7 @@ would add the spread of the BN biases to it. The images are the first N of the r
 network is in eval mode (BN running statistics) and uses the latest checkpoint. The numbers are written
 beside the figure as <out>.json: {run name: [std per layer, in layer order]}.
 """
+
 import argparse
 import dataclasses
 import json
@@ -22,15 +23,15 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import matplotlib  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.pyplot as plt
 
-from resnet_jax import checkpointing, data, defaults, models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnet_jax import checkpointing, data, defaults, models
 
 
 def _block_order(name):
@@ -44,12 +45,15 @@ def make_moments_fn(model):
   Reduced on the device so that only [C] vectors come back, even for ResNet-1202's 600 layers; centred
   within the batch so that a large mean costs float32 little precision.
   """
+
   @jax.jit
   def moments(variables, images, mask):
     _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
     weight = mask[:, None, None, None]
     out = {}
-    for block, sown in models.unstack_blocks(state['intermediates']).items():  # scan_blocks: per block
+    for block, sown in models.unstack_blocks(
+      state['intermediates']
+    ).items():  # scan_blocks: per block
       stats = []
       for y in sown['responses']:
         y = y.astype(jnp.float32)  # a bfloat16 model's responses: reduce in float32
@@ -59,6 +63,7 @@ def make_moments_fn(model):
         stats.append((count, mean, m2))
       out[block] = stats
     return out
+
   return moments
 
 
@@ -74,14 +79,18 @@ def layer_stds(workdir, num_images=1000, batch_size=200):
   """The std of each 3x3 layer's response (per channel over images and positions, averaged over channels)."""
   config = defaults.from_workdir(workdir)
   ds = data.load(config.data, config.seed)
-  ds = dataclasses.replace(ds, eval_images=ds.eval_images[:num_images], eval_labels=ds.eval_labels[:num_images])
+  ds = dataclasses.replace(
+    ds, eval_images=ds.eval_images[:num_images], eval_labels=ds.eval_labels[:num_images]
+  )
   moments = make_moments_fn(models.create(config.model))
   variables = checkpointing.open_workdir(workdir, config).variables
   totals = {}
   for batch in ds.eval_batches(batch_size):
     for block, stats in jax.device_get(moments(variables, batch['image'], batch['mask'])).items():
       stats = [tuple(np.asarray(x, np.float64) for x in s) for s in stats]
-      totals[block] = stats if block not in totals else [_merge(t, s) for t, s in zip(totals[block], stats)]
+      totals[block] = (
+        stats if block not in totals else [_merge(t, s) for t, s in zip(totals[block], stats)]
+      )
   layers = [s for block in sorted(totals, key=_block_order) for s in totals[block]]
   return np.array([np.sqrt(m2 / n).mean() for n, _, m2 in layers])
 
@@ -89,7 +98,9 @@ def layer_stds(workdir, num_images=1000, batch_size=200):
 def run_labels(workdirs):
   """Config names, with the workdir's basename added where two runs share one."""
   names = [defaults.from_workdir(w).get('name', pathlib.Path(w).name) for w in workdirs]
-  return [f'{n} ({pathlib.Path(w).name})' if names.count(n) > 1 else n for n, w in zip(names, workdirs)]
+  return [
+    f'{n} ({pathlib.Path(w).name})' if names.count(n) > 1 else n for n, w in zip(names, workdirs)
+  ]
 
 
 def plot(stds, out):
@@ -110,18 +121,26 @@ def plot(stds, out):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', action='append', required=True, help='a training workdir; repeat per run')
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--workdir', action='append', required=True, help='a training workdir; repeat per run'
+  )
   parser.add_argument('--out', required=True, help='the figure; the numbers go to <out>.json')
   parser.add_argument('--num_images', type=int, default=1000, help='the first N evaluation images')
   parser.add_argument('--batch_size', type=int, default=200, help='images per forward pass')
   args = parser.parse_args(argv)
-  stds = {label: layer_stds(w, args.num_images, args.batch_size)
-          for label, w in zip(run_labels(args.workdir), args.workdir)}
+  stds = {
+    label: layer_stds(w, args.num_images, args.batch_size)
+    for label, w in zip(run_labels(args.workdir), args.workdir)
+  }
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   plot(stds, out)
-  out.with_name(out.name + '.json').write_text(json.dumps({k: v.tolist() for k, v in stds.items()}, indent=1))
+  out.with_name(out.name + '.json').write_text(
+    json.dumps({k: v.tolist() for k, v in stds.items()}, indent=1)
+  )
   print(f'wrote {out} and {out.name}.json')
 
 

@@ -5,6 +5,7 @@ run, training error dashed and thin, test error solid and bold.
 
 Reads only each workdir's metrics.jsonl, so it also plots runs that are still training.
 """
+
 import argparse
 import json
 import pathlib
@@ -13,10 +14,10 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import matplotlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.pyplot as plt
 
 EVAL_SPLITS = ('test', 'val')  # a run evaluates on one of them (val with data.val_split > 0)
 
@@ -44,7 +45,11 @@ def run_name(workdir):
 def read_curves(workdir):
   """{'train': (steps, errors), 'test': (steps, errors), 'name'}: errors in %, as plotted."""
   rows = _rows(workdir)
-  return {'train': _series(rows, ('train',)), 'test': _series(rows, EVAL_SPLITS), 'name': run_name(workdir)}
+  return {
+    'train': _series(rows, ('train',)),
+    'test': _series(rows, EVAL_SPLITS),
+    'name': run_name(workdir),
+  }
 
 
 def plot(curves, labels, out, ymax=None):
@@ -66,11 +71,19 @@ def plot(curves, labels, out, ymax=None):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdirs', nargs='+', required=True, help='training workdirs (metrics.jsonl)')
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--workdirs', nargs='+', required=True, help='training workdirs (metrics.jsonl)'
+  )
   parser.add_argument('--out', required=True, help='the figure, e.g. fig6.png')
-  parser.add_argument('--labels', nargs='+', help='legend entries, one per workdir (default: config names)')
-  parser.add_argument('--ymax', type=float, help='top of the error axis in %% (the paper: 20 for Fig. 6)')
+  parser.add_argument(
+    '--labels', nargs='+', help='legend entries, one per workdir (default: config names)'
+  )
+  parser.add_argument(
+    '--ymax', type=float, help='top of the error axis in %% (the paper: 20 for Fig. 6)'
+  )
   args = parser.parse_args(argv)
   if args.labels and len(args.labels) != len(args.workdirs):
     parser.error(f'--labels has {len(args.labels)} entries for {len(args.workdirs)} workdirs')

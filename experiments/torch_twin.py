@@ -15,6 +15,7 @@ tests/test_benchmark.py proves the twin equal: equal parameter counts, and equal
   net = torch_twin.build(config.model)          # NCHW input
   torch_twin.load_flax_params(net, variables)   # {'params': ..., 'batch_stats': ...} of models.create(...)
 """
+
 import math
 
 import numpy as np
@@ -27,12 +28,16 @@ from resnet_jax import models
 
 def _conv(cin, cout, k, stride=1, padding=0, init_mode='fan_in'):
   conv = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
-  nn.init.kaiming_normal_(conv.weight, mode=init_mode, nonlinearity='relu')  # N(0, 2/fan): flax's He init
+  nn.init.kaiming_normal_(
+    conv.weight, mode=init_mode, nonlinearity='relu'
+  )  # N(0, 2/fan): flax's He init
   return conv
 
 
 def _bn(features, zero_scale=False):
-  bn = nn.BatchNorm2d(features, eps=1e-5, momentum=0.1)  # torch's momentum is the new batch's weight
+  bn = nn.BatchNorm2d(
+    features, eps=1e-5, momentum=0.1
+  )  # torch's momentum is the new batch's weight
   if zero_scale:
     nn.init.zeros_(bn.weight)
   return bn
@@ -54,7 +59,7 @@ class Shortcut(nn.Module):
     if self.project:
       return self.proj_bn(self.proj_conv(x))
     if self.stride != 1:
-      x = x[:, :, ::self.stride, ::self.stride]
+      x = x[:, :, :: self.stride, :: self.stride]
     if self.extra > 0:
       x = F.pad(x, (0, 0, 0, 0, 0, self.extra))  # NCHW: new channels after the old ones, as ours
     return x
@@ -63,7 +68,9 @@ class Shortcut(nn.Module):
 class BasicBlock(nn.Module):
   expansion = 1
 
-  def __init__(self, cin, width, stride, residual, option, init_mode, zero_init_last_bn, stride_on_3x3):
+  def __init__(
+    self, cin, width, stride, residual, option, init_mode, zero_init_last_bn, stride_on_3x3
+  ):
     super().__init__()
     del stride_on_3x3  # the basic block strides its first 3x3 anyway
     self.conv1, self.bn1 = _conv(cin, width, 3, stride, 1, init_mode), _bn(width)
@@ -81,12 +88,19 @@ class BasicBlock(nn.Module):
 class BottleneckBlock(nn.Module):
   expansion = 4
 
-  def __init__(self, cin, width, stride, residual, option, init_mode, zero_init_last_bn, stride_on_3x3):
+  def __init__(
+    self, cin, width, stride, residual, option, init_mode, zero_init_last_bn, stride_on_3x3
+  ):
     super().__init__()
-    s1, s3 = (1, stride) if stride_on_3x3 else (stride, 1)  # v1 (the paper): stride on the first 1x1
+    s1, s3 = (
+      (1, stride) if stride_on_3x3 else (stride, 1)
+    )  # v1 (the paper): stride on the first 1x1
     self.conv1, self.bn1 = _conv(cin, width, 1, s1, 0, init_mode), _bn(width)
     self.conv2, self.bn2 = _conv(width, width, 3, s3, 1, init_mode), _bn(width)
-    self.conv3, self.bn3 = _conv(width, 4 * width, 1, 1, 0, init_mode), _bn(4 * width, zero_init_last_bn)
+    self.conv3, self.bn3 = (
+      _conv(width, 4 * width, 1, 1, 0, init_mode),
+      _bn(4 * width, zero_init_last_bn),
+    )
     self.shortcut = Shortcut(cin, 4 * width, stride, option, init_mode) if residual else None
 
   def forward(self, x):
@@ -101,8 +115,19 @@ class BottleneckBlock(nn.Module):
 class ResNet(nn.Module):
   """Stem, stages (the first block of every stage but the first strides 2), global mean pool, fc."""
 
-  def __init__(self, stage_sizes, widths, block, stem, num_classes, residual=True, shortcut='B',
-               stride_on_3x3=False, init_mode='fan_in', zero_init_last_bn=False):
+  def __init__(
+    self,
+    stage_sizes,
+    widths,
+    block,
+    stem,
+    num_classes,
+    residual=True,
+    shortcut='B',
+    stride_on_3x3=False,
+    init_mode='fan_in',
+    zero_init_last_bn=False,
+  ):
     super().__init__()
     self.imagenet_stem = stem == 'imagenet'
     cin = 64 if self.imagenet_stem else widths[0]
@@ -113,13 +138,24 @@ class ResNet(nn.Module):
     for i, (blocks, width) in enumerate(zip(stage_sizes, widths)):
       for j in range(blocks):
         name = f'stage{i + 1}_block{j + 1}'
-        self.add_module(name, block(cin, width, 2 if i > 0 and j == 0 else 1, residual, shortcut, init_mode,
-                                    zero_init_last_bn, stride_on_3x3))
+        self.add_module(
+          name,
+          block(
+            cin,
+            width,
+            2 if i > 0 and j == 0 else 1,
+            residual,
+            shortcut,
+            init_mode,
+            zero_init_last_bn,
+            stride_on_3x3,
+          ),
+        )
         self.block_names.append(name)
         cin = width * block.expansion
     self.fc = nn.Linear(cin, num_classes)
     # flax's Dense default: LeCun normal truncated at 2 std (std corrected for the truncation), zero bias.
-    std = math.sqrt(1.0 / cin) / .87962566103423978
+    std = math.sqrt(1.0 / cin) / 0.87962566103423978
     nn.init.trunc_normal_(self.fc.weight, std=std, a=-2 * std, b=2 * std)
     nn.init.zeros_(self.fc.bias)
 
@@ -136,11 +172,22 @@ def build(model_config) -> ResNet:
   """The twin of `models.create(model_config)` (a config's `model` section); float32, NCHW input."""
   if model_config.get('bn_group_size'):
     raise ValueError('the torch twin has no ghost BN: set model.bn_group_size=0.')
-  ours = models.create(model_config)  # validates the config; the twin takes its stages, widths and block
+  ours = models.create(
+    model_config
+  )  # validates the config; the twin takes its stages, widths and block
   block = BottleneckBlock if ours.block is models.BottleneckBlock else BasicBlock
-  return ResNet(ours.stage_sizes, ours.widths, block, ours.stem, ours.num_classes, residual=ours.residual,
-                shortcut=ours.shortcut, stride_on_3x3=ours.stride_on_3x3, init_mode=ours.init_mode,
-                zero_init_last_bn=ours.zero_init_last_bn)
+  return ResNet(
+    ours.stage_sizes,
+    ours.widths,
+    block,
+    ours.stem,
+    ours.num_classes,
+    residual=ours.residual,
+    shortcut=ours.shortcut,
+    stride_on_3x3=ours.stride_on_3x3,
+    init_mode=ours.init_mode,
+    zero_init_last_bn=ours.zero_init_last_bn,
+  )
 
 
 def num_params(net) -> int:
@@ -148,7 +195,13 @@ def num_params(net) -> int:
   return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+_NAMES = {
+  'kernel': 'weight',
+  'scale': 'weight',
+  'bias': 'bias',
+  'mean': 'running_mean',
+  'var': 'running_var',
+}
 
 
 def _flatten(tree, prefix=()):
@@ -166,17 +219,22 @@ def load_flax_params(net, variables):
   """
   state = {}
   for collection in ('params', 'batch_stats'):
-    for path, value in _flatten(models.unstack_blocks(variables[collection])):  # scan_blocks: per block
+    for path, value in _flatten(
+      models.unstack_blocks(variables[collection])
+    ):  # scan_blocks: per block
       value = np.array(value, np.float32)  # a writable copy
       if path[-1] == 'kernel':
         value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-      state['.'.join(path[:-1] + (_NAMES[path[-1]],))] = torch.from_numpy(np.ascontiguousarray(value))
+      state['.'.join(path[:-1] + (_NAMES[path[-1]],))] = torch.from_numpy(
+        np.ascontiguousarray(value)
+      )
   own = net.state_dict()
   state.update({k: v for k, v in own.items() if k.endswith('num_batches_tracked')})
   missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
   if missing or unexpected:
-    raise ValueError(f'the twin does not match the variables: missing {missing[:5]}, '
-                     f'unexpected {unexpected[:5]}')
+    raise ValueError(
+      f'the twin does not match the variables: missing {missing[:5]}, unexpected {unexpected[:5]}'
+    )
   for k, v in state.items():
     if tuple(v.shape) != tuple(own[k].shape):
       raise ValueError(f'{k}: ours {tuple(v.shape)} vs the twin {tuple(own[k].shape)}')

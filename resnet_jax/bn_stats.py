@@ -11,21 +11,22 @@ its batch mean squares minus the mean squared: the exact moments over all K imag
 The command reads the run (never changes its checkpoints) and writes only its own outputs: bn_stats.json
 and the recomputed state under bn_recomputed/<step>/.
 """
+
 import json
 import os
 
 import flax
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec as P
-
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax import checkpointing, cli, data, evaluate, models, parallel
 
 
 def recompute(model, params, batch_stats, batches, mesh):
   """New batch_stats from exact moments over `batches` (global arrays on `mesh`); `model` has bn_axis_name."""
+
   def moments(variables, images):
     _, state = model.apply(variables, images, train=True, mutable=['batch_stats', 'bn_moments'])
     return state['bn_moments']
@@ -73,19 +74,26 @@ def recalibrate_workdir(workdir, num_images, mesh=None) -> dict:
   before = evaluate.evaluate_scores('1crop', model, variables, ds, config, mesh)
   batches = parallel.prefetch(training_batches(ds, config, num_images), mesh, config.data.prefetch)
   stats = recompute(model, variables['params'], variables['batch_stats'], batches, mesh)
-  after = evaluate.evaluate_scores('1crop', model, {**variables, 'batch_stats': stats}, ds, config, mesh)
+  after = evaluate.evaluate_scores(
+    '1crop', model, {**variables, 'batch_stats': stats}, ds, config, mesh
+  )
   out = os.path.join(run.workdir, 'bn_recomputed', str(run.step))
   with ocp.StandardCheckpointer() as checkpointer:  # leaving waits for the asynchronous write
     checkpointer.save(out, {**run.state, 'batch_stats': stats}, force=True)
   held = 'recomputed_after_training' if config.train.recompute_bn_stats else 'moving_average'
-  return {'step': run.step, 'num_images': num_images, 'split': ds.eval_split,
-          'checkpoint': {'statistics': held, **_errors(*before)}, 'recomputed': _errors(*after),
-          'recomputed_checkpoint': out}
+  return {
+    'step': run.step,
+    'num_images': num_images,
+    'split': ds.eval_split,
+    'checkpoint': {'statistics': held, **_errors(*before)},
+    'recomputed': _errors(*after),
+    'recomputed_checkpoint': out,
+  }
 
 
 def main(argv):
   cli.no_arguments(argv, '--workdir and --num_images')
-  from absl import flags  # noqa: PLC0415
+  from absl import flags
 
   try:
     report = recalibrate_workdir(flags.FLAGS.workdir, flags.FLAGS.num_images)
@@ -97,7 +105,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import flags  # noqa: PLC0415
+  from absl import flags
 
   cli.define_workdir_flag('A training workdir (config.json + checkpoints).')
   flags.DEFINE_integer('num_images', 10_000, 'Training images to average the statistics over.')

@@ -11,7 +11,9 @@ Training (`restore_or_init`, `save`):
 Tools (`open_workdir`): the config and the newest complete, readable checkpoint of a finished or running
 run; a damaged one is named and skipped, nothing in the workdir is created, moved or deleted.
 """
+
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -35,8 +37,9 @@ def checkpoint_dir(workdir) -> str:
 
 def manager(workdir, keep):
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler()
+  )
 
 
 def save(mngr, state, step):
@@ -46,7 +49,10 @@ def save(mngr, state, step):
 def _shapes(tree):
   """{'params/stage1_block1/conv1/kernel': shape}: attribute, dict and index keys alike, as orbax lists them."""
   name = lambda k: str(getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k))))
-  return {'/'.join(map(name, path)): tuple(v.shape) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    '/'.join(map(name, path)): tuple(v.shape)
+    for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _restore_target(mngr, step, target, workdir):
@@ -66,13 +72,16 @@ def _restore_target(mngr, step, target, workdir):
   for saved_scan in (True, False):
     other = jax.eval_shape(lambda t, s=saved_scan: models.convert_layout(t, s), target)
     if saved == _shapes(other):
-      other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), other)
+      other = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), other
+      )
       return other, not saved_scan
   diff = sorted(set(saved.items()) ^ set(wanted.items()))[0][0]
   raise CheckpointMismatch(
-      f'the checkpoint of step {step} in {workdir} does not match this config (first difference at '
-      f'{diff}): it was written for another network or optimizer; resume it with its own config '
-      f'({os.path.join(workdir, "config.json")}) or choose a new --workdir.')
+    f'the checkpoint of step {step} in {workdir} does not match this config (first difference at '
+    f'{diff}): it was written for another network or optimizer; resume it with its own config '
+    f'({os.path.join(workdir, "config.json")}) or choose a new --workdir.'
+  )
 
 
 def _move_aside(mngr, step):
@@ -99,18 +108,26 @@ def restore_or_init(workdir, keep, state, mesh):
       if saved_target is not None:
         restored = mngr.restore(step, args=ocp.args.StandardRestore(saved_target))
         if scan_blocks is not None:  # saved in the other layout
-          restored = jax.jit(lambda t: models.convert_layout(t, scan_blocks), out_shardings=replicated)(restored)
-          logging.info('Converted the checkpoint of step %d to model.scan_blocks=%s.', step, scan_blocks)
+          convert = functools.partial(models.convert_layout, scan_blocks=scan_blocks)
+          restored = jax.jit(convert, out_shardings=replicated)(restored)
+          logging.info(
+            'Converted the checkpoint of step %d to model.scan_blocks=%s.', step, scan_blocks
+          )
         logging.info('Resuming from the checkpoint of step %d in %s.', step, mngr.directory)
         return mngr, restored
     except CheckpointMismatch:
       mngr.close()
       raise
     except Exception as e:  # noqa: BLE001  # any failure to read means damage
-      logging.warning('The checkpoint of step %d cannot be read (%s).', step, str(e).splitlines()[0][:200])
+      logging.warning(
+        'The checkpoint of step %d cannot be read (%s).', step, str(e).splitlines()[0][:200]
+      )
     mngr.close()
-    logging.warning('Moved the damaged checkpoint of step %d to %s; trying the previous one.', step,
-                    _move_aside(mngr, step))
+    logging.warning(
+      'Moved the damaged checkpoint of step %d to %s; trying the previous one.',
+      step,
+      _move_aside(mngr, step),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,29 +161,41 @@ def open_workdir(workdir, config=None) -> Run:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if config is None:
     if not os.path.exists(os.path.join(workdir, 'config.json')):
-      raise FileNotFoundError(f'{workdir} holds no config.json: pass the --workdir of a training run.')
+      raise FileNotFoundError(
+        f'{workdir} holds no config.json: pass the --workdir of a training run.'
+      )
     config = defaults.from_workdir(workdir)
   directory = checkpoint_dir(workdir)
   steps = _complete_steps(directory)
   if not steps:
-    raise FileNotFoundError(f'{workdir} holds no checkpoint yet: train first (python -m resnet_jax.main) or '
-                            'pass the workdir of a trained run.')
+    raise FileNotFoundError(
+      f'{workdir} holds no checkpoint yet: train first (python -m resnet_jax.main) or '
+      'pass the workdir of a trained run.'
+    )
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for step in steps:
     path = os.path.join(directory, str(step), 'default')
     try:
       with ocp.StandardCheckpointer() as checkpointer:
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              checkpointer.metadata(path).item_metadata.tree)
+        target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          checkpointer.metadata(path).item_metadata.tree,
+        )
         state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
     except Exception as e:  # noqa: BLE001  # any failure to read: name it, leave it, try the previous one
-      logging.warning('The checkpoint of step %d in %s cannot be read (%s); using an earlier one.', step,
-                      directory, str(e).splitlines()[0][:200])
+      logging.warning(
+        'The checkpoint of step %d in %s cannot be read (%s); using an earlier one.',
+        step,
+        directory,
+        str(e).splitlines()[0][:200],
+      )
       continue
     state = models.convert_layout(state, bool(config.model.get('scan_blocks', False)))
     return Run(workdir, config, step, state)
-  raise FileNotFoundError(f'no checkpoint in {directory} can be read (see the warnings above); train again '
-                          'or restore the folder from a backup.')
+  raise FileNotFoundError(
+    f'no checkpoint in {directory} can be read (see the warnings above); train again '
+    'or restore the folder from a backup.'
+  )
 
 
 class PreemptionHandler:
@@ -188,7 +217,10 @@ class PreemptionHandler:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning('Received %s: saving a checkpoint after this step, then stopping.', signal.Signals(signum).name)
+    logging.warning(
+      'Received %s: saving a checkpoint after this step, then stopping.',
+      signal.Signals(signum).name,
+    )
     self.signal = signum
 
   def requested(self, mngr, step):

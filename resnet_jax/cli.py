@@ -8,6 +8,7 @@ Each tool defines its own flags with these helpers and runs `cli.run(main)`:
 
 Mistakes in the config file or its overrides end in one line on stderr and exit code 2, never a traceback.
 """
+
 import importlib.util
 import os
 import sys
@@ -24,8 +25,13 @@ def fail(message):
 
 
 def define_config_flag(required: bool):
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py); any field can be '
-                                  'overridden with --config.<field>=<value>.', lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'Experiment config file (configs/*.py); any field can be '
+    'overridden with --config.<field>=<value>.',
+    lock_config=True,
+  )
   if required:
     flags.mark_flag_as_required('config')
 
@@ -36,22 +42,31 @@ def define_workdir_flag(help_text: str):
 
 
 def define_distributed_flags():
-  flags.DEFINE_bool('distributed', False, 'Join a multi-process job: jax.distributed.initialize() detects '
-                    'TPU pods, SLURM and Open MPI, or uses the three flags below.')
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a job JAX cannot detect.')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes in the job (with --coordinator_address).')
+  flags.DEFINE_bool(
+    'distributed',
+    False,
+    'Join a multi-process job: jax.distributed.initialize() detects '
+    'TPU pods, SLURM and Open MPI, or uses the three flags below.',
+  )
+  flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for a job JAX cannot detect.'
+  )
+  flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes in the job (with --coordinator_address).'
+  )
   flags.DEFINE_integer('process_id', None, "This process's index in [0, num_processes).")
 
 
 def quiet_libraries():
   """Library INFO lines (orbax logs every save and restore) stay out of a tool's output: warnings only."""
   logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.converter.STANDARD_WARNING or 'orbax' not in r.pathname)
+    lambda r: r.levelno >= logging.converter.STANDARD_WARNING or 'orbax' not in r.pathname
+  )
 
 
 def config_or_workdir(workdir):
   """The --config file when given, else the config the workdir was trained with."""
-  from resnet_jax import defaults  # noqa: PLC0415  # after flag parsing
+  from resnet_jax import defaults  # after flag parsing
 
   if FLAGS.config is not None:
     return FLAGS.config
@@ -64,8 +79,10 @@ def parse_flags(argv):
   """absl flag parsing, with config-file and override mistakes reported in one line."""
   path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   if path and not os.path.isfile(path):
-    fail(f'the config file {path} does not exist: pass one of the files in configs/, e.g. '
-         '--config=configs/cifar10_20.py.')
+    fail(
+      f'the config file {path} does not exist: pass one of the files in configs/, e.g. '
+      '--config=configs/cifar10_20.py.'
+    )
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -73,7 +90,9 @@ def parse_flags(argv):
   except Exception as e:  # noqa: BLE001  # config_flags raises many kinds
     unknown = _unknown_override(path, argv)
     if unknown:
-      fail(f'{unknown} is not a field of the config {path}: see the fields in resnet_jax/defaults.py.')
+      fail(
+        f'{unknown} is not a field of the config {path}: see the fields in resnet_jax/defaults.py.'
+      )
     fail(f'cannot load the config {path}: {type(e).__name__}: {str(e).splitlines()[0]}')
 
 
@@ -88,7 +107,7 @@ def _unknown_override(path, argv):
     return None
   for arg in argv:
     if arg.startswith('--config.'):
-      name = arg[len('--'):].split('=', 1)[0]
+      name = arg[len('--') :].split('=', 1)[0]
       node = config
       for part in name.split('.')[1:]:
         if not hasattr(node, 'keys') or part not in node:
@@ -103,15 +122,19 @@ def initialize_distributed():
   if not FLAGS.distributed and all(v is None for v in explicit):
     return
   if any(v is None for v in explicit) and any(v is not None for v in explicit):
-    fail('--coordinator_address, --num_processes and --process_id go together: pass all three, or only '
-         '--distributed on a TPU pod, under SLURM or Open MPI.')
-  import jax  # noqa: PLC0415
+    fail(
+      '--coordinator_address, --num_processes and --process_id go together: pass all three, or only '
+      '--distributed on a TPU pod, under SLURM or Open MPI.'
+    )
+  import jax
 
   try:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except (RuntimeError, ValueError) as e:
-    fail(f'cannot join the multi-process job ({str(e).splitlines()[0]}); check the coordinator address and '
-         'that every process was started with the same --num_processes.')
+    fail(
+      f'cannot join the multi-process job ({str(e).splitlines()[0]}); check the coordinator address and '
+      'that every process was started with the same --num_processes.'
+    )
 
 
 def no_arguments(argv, options: str):

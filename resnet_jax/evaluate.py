@@ -11,6 +11,7 @@ batched together: one compilation per (scale, shape). Top-1 and top-5 errors cou
 exactly once (the last batch is padded and masked). It reads the newest complete checkpoint and changes
 nothing in the workdir but writing DIR/eval_<mode>.json; the config is the workdir's unless --config is given.
 """
+
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ MODES = ('1crop', '10crop', 'multiscale')
 def scores_fn(model, mesh, flips):
   """Softmax scores averaged over each image's views ([b, V, H, W, 3] or [b, H, W, 3]) and, with `flips`,
   their horizontal flips: [b, classes]."""
+
   def fn(variables, images):
     b = images.shape[0]
     x = images.reshape((-1,) + images.shape[-3:])
@@ -38,11 +40,14 @@ def scores_fn(model, mesh, flips):
       x = jnp.stack([x, x[:, :, ::-1]], axis=1).reshape((-1,) + x.shape[1:])
     probs = jax.nn.softmax(model.apply(variables, x, train=False).astype(jnp.float32))
     return probs.reshape(b, -1, probs.shape[-1]).mean(axis=1)
+
   return parallel.map_step(fn, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(parallel.AXIS))
 
 
 def _host(x):
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x)
+  return np.asarray(
+    multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
+  )
 
 
 def _scores(fn, variables, batches, mesh, prefetch):
@@ -55,8 +60,11 @@ def _scores(fn, variables, batches, mesh, prefetch):
 
 def errors(scores, labels) -> dict:
   top5 = np.argsort(-scores, axis=1)[:, :5]
-  return {'top1_error': float(np.mean(top5[:, 0] != labels)),
-          'top5_error': float(np.mean(~np.any(top5 == labels[:, None], axis=1))), 'count': int(len(labels))}
+  return {
+    'top1_error': float(np.mean(top5[:, 0] != labels)),
+    'top5_error': float(np.mean(~np.any(top5 == labels[:, None], axis=1))),
+    'count': int(len(labels)),
+  }
 
 
 def _per_batch(images, views, pixels, device_count):
@@ -68,7 +76,11 @@ def _per_batch(images, views, pixels, device_count):
 def evaluate_scores(mode, model, variables, ds, config, mesh):
   """[M, classes] averaged softmax scores of every eval image and their labels, for `mode`."""
   process_index, process_count = jax.process_index(), jax.process_count()
-  images, prefetch, size = config.train.eval_batch_size, config.data.prefetch, config.data.image_size
+  images, prefetch, size = (
+    config.train.eval_batch_size,
+    config.data.prefetch,
+    config.data.image_size,
+  )
   if mode == 'multiscale':
     return _multiscale_scores(model, variables, ds, config, mesh), ds.eval_labels
   if mode == '10crop':
@@ -81,7 +93,10 @@ def _multiscale_scores(model, variables, ds, config, mesh):
   process_index, process_count = jax.process_index(), jax.process_count()
   sizes = ds.eval_image_sizes()
   channel_mean = ds.mean_image.mean(axis=(0, 1))
-  fn, total = scores_fn(model, mesh, True), np.zeros((len(ds.eval_labels), ds.num_classes), np.float64)
+  fn, total = (
+    scores_fn(model, mesh, True),
+    np.zeros((len(ds.eval_labels), ds.num_classes), np.float64),
+  )
   for scale in config.data.eval_scales:
     shapes = [imagenet.bucket_shape(h, w, scale) for h, w in sizes]
     for h, w in sorted(set(shapes)):
@@ -100,13 +115,20 @@ def evaluate_workdir(workdir, mode, config=None, mesh=None) -> dict:
   config = run.config
   ds = data_lib.load(config.data, config.seed)
   if mode not in ds.eval_modes:
-    raise ValueError(f'--mode={mode} needs ImageNet images (data.name=imagenet2012 with data.source tfds or '
-                     'image_folder); CIFAR and synthetic data have one view: use --mode=1crop.')
+    raise ValueError(
+      f'--mode={mode} needs ImageNet images (data.name=imagenet2012 with data.source tfds or '
+      'image_folder); CIFAR and synthetic data have one view: use --mode=1crop.'
+    )
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   variables = jax.device_put(run.variables, parallel.replicated(mesh))
   scores, labels = evaluate_scores(mode, model, variables, ds, config, mesh)
-  result = {'mode': mode, **errors(scores, labels), 'step': run.step, 'split': ds.eval_split,
-            'config': config.name}
+  result = {
+    'mode': mode,
+    **errors(scores, labels),
+    'step': run.step,
+    'split': ds.eval_split,
+    'config': config.name,
+  }
   if mode == 'multiscale':
     result['scales'] = list(config.data.eval_scales)
   if jax.process_index() == 0:
@@ -117,9 +139,9 @@ def evaluate_workdir(workdir, mode, config=None, mesh=None) -> dict:
 
 def main(argv):
   cli.no_arguments(argv, '--workdir, --mode, --config and --config.<field>=<value>')
-  from absl import flags  # noqa: PLC0415
+  from absl import flags
 
-  from resnet_jax import validate  # noqa: PLC0415
+  from resnet_jax import validate
 
   workdir, mode = flags.FLAGS.workdir, flags.FLAGS.mode
   config = cli.config_or_workdir(workdir)
@@ -128,8 +150,10 @@ def main(argv):
   except validate.ConfigError as e:
     cli.fail(str(e))
   if mode != '1crop' and not data_lib.streamed(config.data):
-    cli.fail(f'--mode={mode} needs ImageNet images (data.name=imagenet2012 with data.source tfds or '
-             'image_folder); CIFAR and synthetic data have one view: use --mode=1crop.')
+    cli.fail(
+      f'--mode={mode} needs ImageNet images (data.name=imagenet2012 with data.source tfds or '
+      'image_folder); CIFAR and synthetic data have one view: use --mode=1crop.'
+    )
   cli.initialize_distributed()
   try:
     data_lib.check(config.data)
@@ -140,7 +164,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import flags  # noqa: PLC0415
+  from absl import flags
 
   cli.define_config_flag(required=False)
   cli.define_workdir_flag('The workdir of a training run (its config.json and checkpoints).')

@@ -3,6 +3,7 @@
 Any config field can be overridden on the command line (--config.train.num_steps=200). Problems with the
 config or the data are reported in one sentence before anything is compiled.
 """
+
 import os
 import sys
 
@@ -35,11 +36,13 @@ def main(argv):
   if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
     cli.fail(f'the workdir {FLAGS.workdir} is a file: choose a directory path for --workdir.')
   if not _writable(FLAGS.workdir):
-    cli.fail(f'the workdir {FLAGS.workdir} cannot be created or written: choose a writable path for --workdir.')
+    cli.fail(
+      f'the workdir {FLAGS.workdir} cannot be created or written: choose a writable path for --workdir.'
+    )
   cli.initialize_distributed()
-  import jax  # noqa: PLC0415  # after the cheap checks and jax.distributed
+  import jax  # after the cheap checks and jax.distributed
 
-  from resnet_jax import checkpointing, data, models, train  # noqa: PLC0415
+  from resnet_jax import checkpointing, data, models, train
 
   try:
     validate.check(config, jax.device_count(), jax.process_count())
@@ -50,8 +53,15 @@ def main(argv):
   logging.info('JAX devices: %s', jax.devices())
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
-  except (data.DataError, checkpointing.CheckpointMismatch, train.Diverged, validate.ConfigError) as e:
-    cli.fail(str(e))  # an unreadable image is found when the data is read; the others when training starts
+  except (
+    data.DataError,
+    checkpointing.CheckpointMismatch,
+    train.Diverged,
+    validate.ConfigError,
+  ) as e:
+    cli.fail(
+      str(e)
+    )  # an unreadable image is found when the data is read; the others when training starts
   except train.Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(128 + e.signum)

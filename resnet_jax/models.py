@@ -4,6 +4,7 @@ All padding is explicit and symmetric (as in Caffe and PyTorch): Flax's 'SAME' p
 conv on an even input, which would sample odd pixels in the conv branch while the shortcut (option A's
 x[:, ::2, ::2] or a 1x1/2 projection) samples even ones.
 """
+
 import functools
 import re
 from typing import Any, Optional, Sequence
@@ -15,11 +16,11 @@ import jax.numpy as jnp
 PAD3 = ((1, 1), (1, 1))  # 3x3 convs: 1 pixel each side
 PAD7 = ((3, 3), (3, 3))  # ImageNet stem
 IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck), Table 1
-    18: ((2, 2, 2, 2), False),
-    34: ((3, 4, 6, 3), False),
-    50: ((3, 4, 6, 3), True),
-    101: ((3, 4, 23, 3), True),
-    152: ((3, 8, 36, 3), True),
+  18: ((2, 2, 2, 2), False),
+  34: ((3, 4, 6, 3), False),
+  50: ((3, 4, 6, 3), True),
+  101: ((3, 4, 23, 3), True),
+  152: ((3, 8, 36, 3), True),
 }
 
 
@@ -32,6 +33,7 @@ class BatchNorm(nn.Module):
   - In train mode it sows the batch moments (mean, mean of squares) over the whole batch into the
     'bn_moments' collection, so bn_stats.py can recompute exact population statistics after training.
   """
+
   use_running_average: bool
   axis_name: Optional[str] = None
   group_size: Optional[int] = None
@@ -59,14 +61,21 @@ class BatchNorm(nn.Module):
       self.sow('bn_moments', 'moments', moments)
       if self.group_size:
         if x.shape[0] % self.group_size:
-          raise ValueError(f'model.bn_group_size={self.group_size} does not divide the {x.shape[0]} examples '
-                           'each device gets: use a divisor of the per-device batch.')
+          raise ValueError(
+            f'model.bn_group_size={self.group_size} does not divide the {x.shape[0]} examples '
+            'each device gets: use a divisor of the per-device batch.'
+          )
         groups = xf.reshape(-1, self.group_size, *x.shape[1:])
         group_axes = tuple(range(1, groups.ndim - 1))
         mean = groups.mean(group_axes, keepdims=True)
         var = jnp.maximum(jnp.square(groups).mean(group_axes, keepdims=True) - jnp.square(mean), 0)
-        batch_mean, batch_var = mean.mean(axis=0).reshape(features), var.mean(axis=0).reshape(features)
-        if self.axis_name is not None and not self.is_initializing():  # average the groups of every device
+        batch_mean, batch_var = (
+          mean.mean(axis=0).reshape(features),
+          var.mean(axis=0).reshape(features),
+        )
+        if (
+          self.axis_name is not None and not self.is_initializing()
+        ):  # average the groups of every device
           batch_mean, batch_var = jax.lax.pmean((batch_mean, batch_var), self.axis_name)
         xf = groups
       else:
@@ -75,12 +84,15 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * batch_mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * batch_var
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32) + bias.astype(
+      jnp.float32
+    )
     return y.reshape(x.shape).astype(self.dtype)
 
 
 class Shortcut(nn.Module):
   """The identity path of a block: option A, B or C (paper section 3.3)."""
+
   features: int
   strides: int
   option: str
@@ -91,11 +103,13 @@ class Shortcut(nn.Module):
   def __call__(self, x):
     changes = self.strides != 1 or x.shape[-1] != self.features
     if self.option == 'C' or (self.option == 'B' and changes):
-      x = self.conv(self.features, (1, 1), (self.strides, self.strides), padding='VALID', name='proj_conv')(x)
+      x = self.conv(
+        self.features, (1, 1), (self.strides, self.strides), padding='VALID', name='proj_conv'
+      )(x)
       return self.norm(name='proj_bn')(x)
     # Option A (and B/C's identity): subsample, then zero-pad the new channels; no parameters.
     if self.strides != 1:
-      x = x[:, ::self.strides, ::self.strides, :]
+      x = x[:, :: self.strides, :: self.strides, :]
     extra = self.features - x.shape[-1]
     if extra > 0:
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
@@ -104,6 +118,7 @@ class Shortcut(nn.Module):
 
 class Block(nn.Module):
   """What every block is given; `residual=False` builds the paper's plain counterpart (no shortcut)."""
+
   features: int
   strides: int
   residual: bool
@@ -120,7 +135,9 @@ class BasicBlock(Block):
 
   @nn.compact
   def __call__(self, x):
-    y = self.conv(self.features, (3, 3), (self.strides, self.strides), padding=PAD3, name='conv1')(x)
+    y = self.conv(self.features, (3, 3), (self.strides, self.strides), padding=PAD3, name='conv1')(
+      x
+    )
     y = self.norm(name='bn1')(y)
     self.sow('intermediates', 'responses', y)
     y = self.act(y)
@@ -128,7 +145,9 @@ class BasicBlock(Block):
     y = self.norm(name='bn2', scale_init=_last_scale_init(self.zero_init_last_bn))(y)
     self.sow('intermediates', 'responses', y)
     if self.residual:
-      y = y + Shortcut(self.features, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
+      y = y + Shortcut(
+        self.features, self.strides, self.shortcut, self.conv, self.norm, name='shortcut'
+      )(x)
     return self.act(y)
 
 
@@ -140,7 +159,7 @@ class BottleneckBlock(Block):
 
   @nn.compact
   def __call__(self, x):
-    s1, s3 = ((1, self.strides) if self.stride_on_3x3 else (self.strides, 1))
+    s1, s3 = (1, self.strides) if self.stride_on_3x3 else (self.strides, 1)
     y = self.conv(self.features, (1, 1), (s1, s1), padding='VALID', name='conv1')(x)
     y = self.act(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), (s3, s3), padding=PAD3, name='conv2')(y)
@@ -150,7 +169,9 @@ class BottleneckBlock(Block):
     y = self.conv(4 * self.features, (1, 1), padding='VALID', name='conv3')(y)
     y = self.norm(name='bn3', scale_init=_last_scale_init(self.zero_init_last_bn))(y)
     if self.residual:
-      y = y + Shortcut(4 * self.features, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
+      y = y + Shortcut(
+        4 * self.features, self.strides, self.shortcut, self.conv, self.norm, name='shortcut'
+      )(x)
     return self.act(y)
 
 
@@ -166,6 +187,7 @@ class ResNet(nn.Module):
   blocks 2..n as one nn.scan, 'stage{i}_block2to{n}', whose variables and sown values have a leading block
   axis; stack_blocks/unstack_blocks convert.
   """
+
   stage_sizes: Sequence[int]
   widths: Sequence[int]
   block: Any
@@ -186,27 +208,51 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     he = nn.initializers.variance_scaling(2.0, self.init_mode, 'normal')
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name,
-                             group_size=self.bn_group_size)
+    conv = functools.partial(
+      nn.Conv, use_bias=False, kernel_init=he, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    norm = functools.partial(
+      BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      axis_name=self.bn_axis_name,
+      group_size=self.bn_group_size,
+    )
     x = x.astype(self.dtype)
     if self.stem == 'cifar':
-      x = nn.relu(norm(name='stem_bn')(conv(self.widths[0], (3, 3), padding=PAD3, name='stem_conv')(x)))
+      x = nn.relu(
+        norm(name='stem_bn')(conv(self.widths[0], (3, 3), padding=PAD3, name='stem_conv')(x))
+      )
     else:
       x = nn.relu(norm(name='stem_bn')(conv(64, (7, 7), (2, 2), padding=PAD7, name='stem_conv')(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD3)  # Flax pads max pools with -inf
     block_cls = nn.remat(self.block) if self.remat else self.block
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      block = functools.partial(block_cls, width, residual=self.residual, shortcut=self.shortcut, conv=conv,
-                                norm=norm, zero_init_last_bn=self.zero_init_last_bn,
-                                stride_on_3x3=self.stride_on_3x3)
-      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1')(x)  # changes shape: never scanned
+      block = functools.partial(
+        block_cls,
+        width,
+        residual=self.residual,
+        shortcut=self.shortcut,
+        conv=conv,
+        norm=norm,
+        zero_init_last_bn=self.zero_init_last_bn,
+        stride_on_3x3=self.stride_on_3x3,
+      )
+      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1')(
+        x
+      )  # changes shape: never scanned
       if self.scan_blocks and blocks > 1:
         # One traced block whatever the depth: every collection (params, batch_stats, bn_moments,
         # intermediates) gets a leading axis over the blocks.
-        scan = nn.scan(lambda module, x, _: (module(x), None), variable_axes={True: 0},
-                       split_rngs={'params': True}, length=blocks - 1)
+        scan = nn.scan(
+          lambda module, x, _: (module(x), None),
+          variable_axes={True: 0},
+          split_rngs={'params': True},
+          length=blocks - 1,
+        )
         x, _ = scan(block(strides=1, name=f'stage{i + 1}_block2to{blocks}'), x, None)
       else:
         for j in range(2, blocks + 1):
@@ -274,7 +320,9 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     stages, bottleneck, widths, stem = (((depth - 2) // 6,) * 3, False, (16, 32, 64), 'cifar')
   elif family == 'imagenet':
     if depth not in IMAGENET_STAGES:
-      raise ValueError(f'ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}.')
+      raise ValueError(
+        f'ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}.'
+      )
     (stages, bottleneck), widths, stem = IMAGENET_STAGES[depth], (64, 128, 256, 512), 'imagenet'
   else:
     raise ValueError(f"Unknown model family {family!r}: use 'cifar' or 'imagenet'.")
@@ -283,10 +331,20 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     if value not in (True, False):
       raise ValueError(f'model.{field} must be True or False, got {value!r}.')
   return ResNet(
-      stage_sizes=stages, widths=widths, block=BottleneckBlock if bottleneck else BasicBlock, stem=stem,
-      num_classes=model_config.num_classes, residual=model_config.residual, shortcut=shortcut,
-      stride_on_3x3=model_config.stride_on_3x3, init_mode=model_config.init_mode,
-      zero_init_last_bn=model_config.zero_init_last_bn, dtype=jnp.dtype(model_config.dtype),
-      param_dtype=jnp.dtype(model_config.param_dtype), bn_axis_name=bn_axis_name,
-      bn_group_size=model_config.get('bn_group_size') or None, remat=bool(remat),
-      scan_blocks=bool(scan_blocks))
+    stage_sizes=stages,
+    widths=widths,
+    block=BottleneckBlock if bottleneck else BasicBlock,
+    stem=stem,
+    num_classes=model_config.num_classes,
+    residual=model_config.residual,
+    shortcut=shortcut,
+    stride_on_3x3=model_config.stride_on_3x3,
+    init_mode=model_config.init_mode,
+    zero_init_last_bn=model_config.zero_init_last_bn,
+    dtype=jnp.dtype(model_config.dtype),
+    param_dtype=jnp.dtype(model_config.param_dtype),
+    bn_axis_name=bn_axis_name,
+    bn_group_size=model_config.get('bn_group_size') or None,
+    remat=bool(remat),
+    scan_blocks=bool(scan_blocks),
+  )

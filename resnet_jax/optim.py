@@ -9,6 +9,7 @@ ImageNet's lr was "divided by 10 when the error plateaus": `schedule='plateau'` 
 held-out error, kept in the train state so a resumed run continues it; `schedule='steps'` uses fixed
 boundaries instead (e.g. epochs 30, 60, 90) so the two can be compared.
 """
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -22,11 +23,15 @@ SCHEDULES = ('steps', 'plateau')
 class Plateau(flax.struct.PyTreeNode):
   drops: jax.Array  # lr divisions made so far (used by schedule='plateau')
   best: jax.Array  # the lowest held-out error so far
-  waited: jax.Array  # evaluations since the error last fell more than plateau_threshold below `best`
+  waited: (
+    jax.Array
+  )  # evaluations since the error last fell more than plateau_threshold below `best`
 
 
 def initial_plateau() -> Plateau:
-  return Plateau(jnp.zeros((), jnp.int32), jnp.asarray(np.inf, jnp.float32), jnp.zeros((), jnp.int32))
+  return Plateau(
+    jnp.zeros((), jnp.int32), jnp.asarray(np.inf, jnp.float32), jnp.zeros((), jnp.int32)
+  )
 
 
 def plateau_after(opt_config, plateau: Plateau, error: float) -> Plateau:
@@ -50,12 +55,20 @@ def create(opt_config) -> optax.GradientTransformation:
   """SGD whose learning rate sits in the optimizer state (`opt_state.hyperparams['learning_rate']`)."""
 
   def sgd(learning_rate):
-    decay = optax.add_decayed_weights(opt_config.weight_decay, mask=decay_mask)  # Caffe's L2, before momentum
+    decay = optax.add_decayed_weights(
+      opt_config.weight_decay, mask=decay_mask
+    )  # Caffe's L2, before momentum
     if opt_config.momentum_style == 'caffe':
-      return optax.chain(decay, optax.scale(learning_rate), optax.trace(opt_config.momentum), optax.scale(-1.0))
+      return optax.chain(
+        decay, optax.scale(learning_rate), optax.trace(opt_config.momentum), optax.scale(-1.0)
+      )
     if opt_config.momentum_style == 'dampened':  # v = m*v + (1-m)*lr*g: an lr (1-m) times smaller
-      return optax.chain(decay, optax.scale(learning_rate), optax.ema(opt_config.momentum, debias=False),
-                         optax.scale(-1.0))
+      return optax.chain(
+        decay,
+        optax.scale(learning_rate),
+        optax.ema(opt_config.momentum, debias=False),
+        optax.scale(-1.0),
+      )
     return optax.chain(decay, optax.trace(opt_config.momentum), optax.scale(-learning_rate))
 
   return optax.inject_hyperparams(sgd)(learning_rate=opt_config.learning_rate)
@@ -66,14 +79,22 @@ def learning_rate(opt_config, step, warmup_done, plateau_drops=0):
   if opt_config.schedule == 'plateau':
     drops = plateau_drops
   else:
-    drops = sum((step >= b).astype(jnp.int32) for b in opt_config.boundaries) if opt_config.boundaries else 0
+    drops = (
+      sum((step >= b).astype(jnp.int32) for b in opt_config.boundaries)
+      if opt_config.boundaries
+      else 0
+    )
   lr = opt_config.learning_rate * jnp.asarray(opt_config.decay, jnp.float32) ** drops
   return jnp.where(warmup_done, lr, opt_config.warmup_learning_rate).astype(jnp.float32)
 
 
 def warmup_done_after(opt_config, step, warmup_done, train_error):
   """The paper's ResNet-110 rule: warm up until the training error falls below a threshold, with a step cap."""
-  return warmup_done | (train_error < opt_config.warmup_error) | (step + 1 >= opt_config.warmup_max_steps)
+  return (
+    warmup_done
+    | (train_error < opt_config.warmup_error)
+    | (step + 1 >= opt_config.warmup_max_steps)
+  )
 
 
 def initial_warmup_done(opt_config):
@@ -86,4 +107,3 @@ def set_learning_rate(opt_state, lr):
 
 def current_learning_rate(opt_state):
   return opt_state.hyperparams['learning_rate']
-

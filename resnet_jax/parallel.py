@@ -3,13 +3,15 @@
 The step is written per device, as under pmap (axis 'batch'), and mapped with `jax.shard_map` under
 `jax.jit`. State is replicated (spec P()), batches are split along the batch axis (spec P('batch')).
 """
+
 import itertools
 import queue
 import threading
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = 'batch'
 
@@ -27,7 +29,9 @@ def data_sharded(mesh):
   return NamedSharding(mesh, P(AXIS))
 
 
-_barriers = itertools.count()  # every process calls sync_processes in the same order: the same numbers
+_barriers = (
+  itertools.count()
+)  # every process calls sync_processes in the same order: the same numbers
 
 
 def sync_processes(name: str, timeout_s: int = 600):
@@ -38,15 +42,18 @@ def sync_processes(name: str, timeout_s: int = 600):
   """
   if jax.process_count() > 1:
     # The coordination client has no public handle; orbax reaches it the same way.
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    from jax._src import distributed
+
     client = distributed.global_state.client
     client.wait_at_barrier(f'{name}-{next(_barriers)}', timeout_in_ms=timeout_s * 1000)
 
 
 def map_step(fn, mesh, in_specs, out_specs, donate_argnums=()):
   """jit(shard_map(fn)): `fn` sees each device's share and may use collectives over AXIS."""
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
-                 donate_argnums=donate_argnums)
+  return jax.jit(
+    jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
+    donate_argnums=donate_argnums,
+  )
 
 
 def to_global(batch, mesh):
@@ -74,7 +81,7 @@ def prefetch(batches, mesh, size=2):
           return
         q.put(to_global(b, mesh))
       q.put(done)
-    except BaseException as e:  # pylint: disable=broad-except  # surfaced in the consumer
+    except BaseException as e:  # surfaced in the consumer
       q.put(e)
 
   threading.Thread(target=work, daemon=True).start()

@@ -3,6 +3,7 @@ float16's narrow range underflows small gradients, so float16 training scales th
 differentiating and the gradients down after: dynamically, halving the scale when the gradients overflow
 (that step's update is skipped and counted) and doubling it after GROWTH_INTERVAL finite steps.
 """
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -23,13 +24,19 @@ def dynamic(model_config) -> bool:
 
 def initial(model_config) -> LossScale:
   scale = INITIAL_SCALE if dynamic(model_config) else 1.0
-  return LossScale(jnp.asarray(scale, jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+  return LossScale(
+    jnp.asarray(scale, jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+  )
 
 
 def adjust(loss_scale: LossScale, grads_finite) -> LossScale:
   good = jnp.where(grads_finite, loss_scale.good_steps + 1, 0)
   grow = good >= GROWTH_INTERVAL
-  scale = jnp.where(grads_finite, jnp.where(grow, loss_scale.scale * 2, loss_scale.scale),
-                    jnp.maximum(loss_scale.scale / 2, 1.0))
-  return LossScale(scale, jnp.where(grow, 0, good),
-                   loss_scale.overflow_steps + (~grads_finite).astype(jnp.int32))
+  scale = jnp.where(
+    grads_finite,
+    jnp.where(grow, loss_scale.scale * 2, loss_scale.scale),
+    jnp.maximum(loss_scale.scale / 2, 1.0),
+  )
+  return LossScale(
+    scale, jnp.where(grow, 0, good), loss_scale.overflow_steps + (~grads_finite).astype(jnp.int32)
+  )

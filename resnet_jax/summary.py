@@ -5,6 +5,7 @@ XLA's cost analysis skips the padded taps of a conv and comes out ~8% low agains
 
   python -m resnet_jax.summary --config=configs/imagenet_resnet50.py [--json]
 """
+
 import json
 
 import flax
@@ -50,23 +51,30 @@ def count(config):
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+
   config = flags.FLAGS.config
   variables, params, macs = count(config)
   name = config.get('name', 'model')
   if flags.FLAGS.json:
     print(json.dumps({'model': name, 'params': params, 'macs': macs}))
     return
-  from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+  from clu import parameter_overview
+
   print(parameter_overview.get_parameter_overview(variables['params'], include_stats=False))
-  print(f'{name}: {params:,} trainable parameters, {macs / 1e9:.3f} G multiply-accumulates per '
-        f'{input_shape(config)[1]}x{input_shape(config)[2]} image')
+  print(
+    f'{name}: {params:,} trainable parameters, {macs / 1e9:.3f} G multiply-accumulates per '
+    f'{input_shape(config)[1]}x{input_shape(config)[2]} image'
+  )
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags
+  from ml_collections import config_flags
+
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_bool('json', False, 'Print {"model", "params", "macs"} as JSON instead of the overview.')
+  flags.DEFINE_bool(
+    'json', False, 'Print {"model", "params", "macs"} as JSON instead of the overview.'
+  )
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -5,6 +5,7 @@ with shard_map (parallel.py). Inside, BatchNorm averages its statistics over the
 global batch) and the loss is pmean'd: gradients of replicated params then come back already averaged.
 A further pmean of the gradients would be a no-op at best; a psum would scale them by the device count.
 """
+
 import itertools
 import json
 import os
@@ -24,7 +25,16 @@ from absl import logging
 from clu import metrics
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import bn_stats, checkpointing, models, optim, parallel, precision, validate, writers
+from resnet_jax import (
+  bn_stats,
+  checkpointing,
+  models,
+  optim,
+  parallel,
+  precision,
+  validate,
+  writers,
+)
 from resnet_jax import data as data_lib
 from resnet_jax.data import on_device
 
@@ -66,10 +76,17 @@ def create_train_state(config, model, tx, rng) -> TrainState:
   size = config.data.image_size
   variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(params), warmup_done=optim.initial_warmup_done(config.optimizer),
-                    plateau=optim.initial_plateau(), loss_scale=precision.initial(config.model),
-                    nonfinite_steps=jnp.zeros((), jnp.int32), first_nonfinite=-jnp.ones((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables['batch_stats'],
+    opt_state=tx.init(params),
+    warmup_done=optim.initial_warmup_done(config.optimizer),
+    plateau=optim.initial_plateau(),
+    loss_scale=precision.initial(config.model),
+    nonfinite_steps=jnp.zeros((), jnp.int32),
+    first_nonfinite=-jnp.ones((), jnp.int32),
+  )
 
 
 def cross_entropy(logits, labels):
@@ -106,8 +123,11 @@ def train_step(state, batch, *, model, tx, opt_config, skip_nonfinite=False, sca
   updates, opt_state = tx.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   updated = state.replace(
-      params=params, batch_stats=batch_stats, opt_state=opt_state,
-      warmup_done=optim.warmup_done_after(opt_config, state.step, state.warmup_done, error))
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    warmup_done=optim.warmup_done_after(opt_config, state.step, state.warmup_done, error),
+  )
   if scale_loss:  # an overflow of the scaled gradients is no divergence: it only skips the update
     grads_finite = _all_finite(grads)
     finite = _all_finite(loss, batch_stats) & (~grads_finite | _all_finite(params))
@@ -118,26 +138,36 @@ def train_step(state, batch, *, model, tx, opt_config, skip_nonfinite=False, sca
   if scale_loss or skip_nonfinite:
     updated = jax.tree.map(lambda new, old: jnp.where(keep, new, old), updated, state)
   new_state = updated.replace(
-      step=state.step + 1,
-      loss_scale=precision.adjust(state.loss_scale, grads_finite) if scale_loss else state.loss_scale,
-      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-      first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite))
+    step=state.step + 1,
+    loss_scale=precision.adjust(state.loss_scale, grads_finite) if scale_loss else state.loss_scale,
+    nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+    first_nonfinite=jnp.where(
+      (state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite
+    ),
+  )
   return new_state, TrainMetrics.single_from_model_output(loss=loss, error=error)
 
 
 def scan_steps(step_fn, state, batches):
   """k steps in one call: `batches` leaves are [b, k, ...] (the device's share of k global batches)."""
-  state, metrics = jax.lax.scan(step_fn, state, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batches))
-  return state, jax.tree.map(lambda x: x.sum(axis=0), metrics)  # summed Averages are the merged Average
+  state, metrics = jax.lax.scan(
+    step_fn, state, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batches)
+  )
+  return state, jax.tree.map(
+    lambda x: x.sum(axis=0), metrics
+  )  # summed Averages are the merged Average
 
 
 def eval_step(state, batch, *, model):
   """Masked sums over this device's share, added over all devices: padding never counts."""
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'],
-                       train=False).astype(jnp.float32)
+  logits = model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
+  ).astype(jnp.float32)
   local = EvalMetrics.single_from_model_output(
-      loss=cross_entropy(logits, batch['label']), error=(jnp.argmax(logits, -1) != batch['label']).astype(
-          jnp.float32), mask=batch['mask'])
+    loss=cross_entropy(logits, batch['label']),
+    error=(jnp.argmax(logits, -1) != batch['label']).astype(jnp.float32),
+    mask=batch['mask'],
+  )
   return jax.tree.map(lambda x: jax.lax.psum(x, parallel.AXIS), local)
 
 
@@ -147,21 +177,39 @@ def compile_steps(config, model, tx, mesh, data=None):
   With train.steps_per_dispatch = k > 1, one call runs k steps on batches stacked along axis 1. With `data`
   (on_device.put), the step takes on_device.step_arrays instead of images and makes its batches itself.
   """
+
   def step(s, b):
-    return train_step(s, b, model=model, tx=tx, opt_config=config.optimizer,
-                      skip_nonfinite=config.train.on_nonfinite == 'skip', scale_loss=precision.dynamic(config.model))
+    return train_step(
+      s,
+      b,
+      model=model,
+      tx=tx,
+      opt_config=config.optimizer,
+      skip_nonfinite=config.train.on_nonfinite == 'skip',
+      scale_loss=precision.dynamic(config.model),
+    )
 
   k = config.train.get('steps_per_dispatch', 1)
   if data is None:
-    train = parallel.map_step(step if k == 1 else lambda s, b: scan_steps(step, s, b), mesh,
-                              in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=0)
+    train = parallel.map_step(
+      step if k == 1 else lambda s, b: scan_steps(step, s, b),
+      mesh,
+      in_specs=(P(), P(parallel.AXIS)),
+      out_specs=(P(), P()),
+      donate_argnums=0,
+    )
   else:  # the dataset is an argument, not a closed-over constant of the compiled step
-    mapped = parallel.map_step(lambda s, d, xs: scan_steps(lambda s, x: step(s, on_device.batch(d, x)), s, xs),
-                               mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=(P(), P()),
-                               donate_argnums=0)
+    mapped = parallel.map_step(
+      lambda s, d, xs: scan_steps(lambda s, x: step(s, on_device.batch(d, x)), s, xs),
+      mesh,
+      in_specs=(P(), P(), P(parallel.AXIS)),
+      out_specs=(P(), P()),
+      donate_argnums=0,
+    )
     train = lambda s, xs: mapped(s, data, xs)  # noqa: E731
-  evaluate = parallel.map_step(lambda s, b: eval_step(s, b, model=model), mesh,
-                               in_specs=(P(), P(parallel.AXIS)), out_specs=P())
+  evaluate = parallel.map_step(
+    lambda s, b: eval_step(s, b, model=model), mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P()
+  )
   return train, evaluate
 
 
@@ -178,14 +226,28 @@ def evaluate(eval_fn, state, ds, config, mesh) -> dict:
 def provenance():
   """What produced a result: commit, library versions, devices."""
   try:
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(__file__), capture_output=True,
-                            text=True, timeout=10).stdout.strip() or None
+    commit = (
+      subprocess.run(
+        ['git', 'rev-parse', 'HEAD'],
+        cwd=os.path.dirname(__file__),
+        capture_output=True,
+        text=True,
+        timeout=10,
+      ).stdout.strip()
+      or None
+    )
   except (OSError, subprocess.SubprocessError):
     commit = None
   versions = {m.__name__: getattr(m, '__version__', None) for m in (jax, flax, optax, ocp, np)}
-  return {'git_commit': commit, 'versions': versions, 'python': platform.python_version(),
-          'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
-          'process_count': jax.process_count(), 'platform': jax.default_backend()}
+  return {
+    'git_commit': commit,
+    'versions': versions,
+    'python': platform.python_version(),
+    'device_kind': jax.devices()[0].device_kind,
+    'device_count': jax.device_count(),
+    'process_count': jax.process_count(),
+    'platform': jax.default_backend(),
+  }
 
 
 def _stacked(batches, k):
@@ -208,10 +270,15 @@ def check_finite(state, config, manager):
   if config.train.on_nonfinite == 'stop' and int(state.nonfinite_steps) > 0:
     manager.wait_until_finished()
     last = manager.latest_step()
-    where = f'the last good checkpoint is step {last} in {manager.directory}' if last is not None else (
-        'no checkpoint was written before it')
-    raise Diverged(f'the loss became non-finite at step {int(state.first_nonfinite) + 1}; {where}; lower '
-                   f'optimizer.learning_rate, or set train.on_nonfinite=skip to skip such steps.')
+    where = (
+      f'the last good checkpoint is step {last} in {manager.directory}'
+      if last is not None
+      else ('no checkpoint was written before it')
+    )
+    raise Diverged(
+      f'the loss became non-finite at step {int(state.first_nonfinite) + 1}; {where}; lower '
+      f'optimizer.learning_rate, or set train.on_nonfinite=skip to skip such steps.'
+    )
 
 
 def check_num_classes(ds, config):
@@ -219,8 +286,9 @@ def check_num_classes(ds, config):
   if ds.num_classes > config.model.num_classes:
     where = config.data.image_folder or config.data.name
     raise data_lib.DataError(
-        f'the data ({where}) has {ds.num_classes} classes but model.num_classes={config.model.num_classes}; '
-        f'set --config.model.num_classes={ds.num_classes}.')
+      f'the data ({where}) has {ds.num_classes} classes but model.num_classes={config.model.num_classes}; '
+      f'set --config.model.num_classes={ds.num_classes}.'
+    )
 
 
 def host_batches(ds, config, mesh, start_step):
@@ -230,8 +298,10 @@ def host_batches(ds, config, mesh, start_step):
   process_index, process_count = jax.process_index(), jax.process_count()
   if config.data.get('on_device'):
     device_data = on_device.put(ds, mesh)
-    batches = (on_device.step_arrays(ds.num_train, first, k, batch_size, seed, process_index, process_count)
-               for first in itertools.count(start_step, k))
+    batches = (
+      on_device.step_arrays(ds.num_train, first, k, batch_size, seed, process_index, process_count)
+      for first in itertools.count(start_step, k)
+    )
     return device_data, batches
   batches = ds.train_batches(start_step, batch_size, seed, process_index, process_count)
   return None, _stacked(batches, k)
@@ -239,8 +309,12 @@ def host_batches(ds, config, mesh, start_step):
 
 def recompute_bn(state, ds, model, config, mesh, num_images):
   """The state with exact BN statistics over `num_images` training images (bn_stats.recompute)."""
-  batches = parallel.prefetch(bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch)
-  return state.replace(batch_stats=bn_stats.recompute(model, state.params, state.batch_stats, batches, mesh))
+  batches = parallel.prefetch(
+    bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch
+  )
+  return state.replace(
+    batch_stats=bn_stats.recompute(model, state.params, state.batch_stats, batches, mesh)
+  )
 
 
 def _write(workdir, name, text):
@@ -259,11 +333,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   tx = optim.create(config.optimizer)
   os.makedirs(workdir, exist_ok=True)
   initial = create_train_state(config, model, tx, jax.random.key(config.seed))
-  manager, state = checkpointing.restore_or_init(workdir, config.train.keep_checkpoints, initial, mesh)
-  start_step, num_steps, k = int(state.step), config.train.num_steps, config.train.steps_per_dispatch
+  manager, state = checkpointing.restore_or_init(
+    workdir, config.train.keep_checkpoints, initial, mesh
+  )
+  start_step, num_steps, k = (
+    int(state.step),
+    config.train.num_steps,
+    config.train.steps_per_dispatch,
+  )
   if start_step % k:
-    raise validate.ConfigError(f'the checkpoint at step {start_step} is not a multiple of train.steps_per_dispatch'
-                               f'={k}: resume with a divisor of {start_step} (e.g. 1).')
+    raise validate.ConfigError(
+      f'the checkpoint at step {start_step} is not a multiple of train.steps_per_dispatch'
+      f'={k}: resume with a divisor of {start_step} (e.g. 1).'
+    )
   if is_main:
     _write(workdir, 'config.json', config.to_json_best_effort(indent=2))
   writer = writers.Writer(workdir, is_main)
@@ -271,8 +353,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   device_data, host = host_batches(ds, config, mesh, start_step)
   train_fn, eval_fn = compile_steps(config, model, tx, mesh, device_data)
   batches = parallel.prefetch(host, mesh, config.data.prefetch)
-  logging.info('Training %s from step %d to %d on %d devices.', config.name, start_step, num_steps,
-               jax.device_count())
+  logging.info(
+    'Training %s from step %d to %d on %d devices.',
+    config.name,
+    start_step,
+    num_steps,
+    jax.device_count(),
+  )
   train_metrics, eval_results, moving_average_results = None, None, None
   with checkpointing.PreemptionHandler() as preemption:
     for step in range(start_step + k, num_steps + 1, k):
@@ -280,9 +367,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       if itstime(step, config.train.log_every_steps, num_steps):
         check_finite(state, config, manager)
-        writer.write(step, 'train', train_scalars(train_metrics, state, config, progress.measure(step)))
+        writer.write(
+          step, 'train', train_scalars(train_metrics, state, config, progress.measure(step))
+        )
         train_metrics = None
-      if step == num_steps and config.train.recompute_bn_stats:  # the released models' exact statistics
+      if (
+        step == num_steps and config.train.recompute_bn_stats
+      ):  # the released models' exact statistics
         moving_average_results = evaluate(eval_fn, state, ds, config, mesh)
         state = recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
       if itstime(step, config.train.eval_every_steps, num_steps):
@@ -297,17 +388,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       if stopping:
         manager.wait_until_finished()
         writer.close()
-        raise Preempted(f'stopped by a signal after step {step}; its checkpoint is in {manager.directory}: rerun '
-                        'the same command to continue.', preemption.signal)
+        raise Preempted(
+          f'stopped by a signal after step {step}; its checkpoint is in {manager.directory}: rerun '
+          'the same command to continue.',
+          preemption.signal,
+        )
       if step % config.train.log_every_steps == 0:
         progress.restart(step)
   manager.wait_until_finished()
   if eval_results is None:  # nothing left to train: report the restored state
     eval_results = evaluate(eval_fn, state, ds, config, mesh)
-  results = {'config': config.name, f'{ds.eval_split}_error': eval_results['error'],
-             f'{ds.eval_split}_loss': eval_results['loss'], 'steps': int(state.step),
-             'wall_time_s': time.time() - start_time, 'start_step': start_step,
-             'nonfinite_steps': int(state.nonfinite_steps), **provenance()}
+  results = {
+    'config': config.name,
+    f'{ds.eval_split}_error': eval_results['error'],
+    f'{ds.eval_split}_loss': eval_results['loss'],
+    'steps': int(state.step),
+    'wall_time_s': time.time() - start_time,
+    'start_step': start_step,
+    'nonfinite_steps': int(state.nonfinite_steps),
+    **provenance(),
+  }
   if moving_average_results:
     results[f'{ds.eval_split}_error_moving_average_bn'] = moving_average_results['error']
   if is_main:
@@ -324,5 +424,7 @@ def train_scalars(train_metrics, state, config, rates) -> dict:
   if config.train.on_nonfinite == 'skip':
     scalars['skipped_steps'] = int(state.nonfinite_steps)
   if precision.dynamic(config.model):
-    scalars.update(loss_scale=float(state.loss_scale.scale), overflow_steps=int(state.loss_scale.overflow_steps))
+    scalars.update(
+      loss_scale=float(state.loss_scale.scale), overflow_steps=int(state.loss_scale.overflow_steps)
+    )
   return scalars

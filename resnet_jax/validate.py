@@ -3,13 +3,13 @@
 The valid choices are those of the modules that implement them (optim, data); models.create checks the
 model section.
 """
+
 from resnet_jax import data as data_lib
 from resnet_jax import optim
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the fix."""
-
 
 
 def _require(ok, message):
@@ -21,67 +21,124 @@ def check(config, device_count=None, process_count=1):
   """Raises ConfigError for the first invalid field (device counts checked when given; models.create checks
   the model section)."""
   opt, train, data = config.optimizer, config.train, config.data
-  _require(opt.learning_rate > 0, f'optimizer.learning_rate must be positive, got {opt.learning_rate}.')
+  _require(
+    opt.learning_rate > 0, f'optimizer.learning_rate must be positive, got {opt.learning_rate}.'
+  )
   _require(0 <= opt.momentum < 1, f'optimizer.momentum must be in [0, 1), got {opt.momentum}.')
   _require(opt.weight_decay >= 0, f'optimizer.weight_decay must be >= 0, got {opt.weight_decay}.')
-  _require(opt.momentum_style in optim.MOMENTUM_STYLES,
-           f'optimizer.momentum_style must be one of {optim.MOMENTUM_STYLES}, got {opt.momentum_style!r}.')
-  _require(list(opt.boundaries) == sorted(opt.boundaries),
-           f'optimizer.boundaries must be increasing steps, got {tuple(opt.boundaries)}.')
-  _require(opt.schedule in optim.SCHEDULES,
-           f'optimizer.schedule must be one of {optim.SCHEDULES}, got {opt.schedule!r}.')
-  _require(isinstance(opt.get('plateau_patience', 1), int) and opt.get('plateau_patience', 1) > 0,
-           f'optimizer.plateau_patience must be a positive number of evaluations, got {opt.get("plateau_patience")!r}.')
-  _require(opt.get('plateau_threshold', 0) >= 0,
-           f'optimizer.plateau_threshold must be >= 0, got {opt.get("plateau_threshold")}.')
-  _require(opt.warmup_learning_rate >= 0,
-           f'optimizer.warmup_learning_rate must be >= 0 (0 = no warm-up), got {opt.warmup_learning_rate}.')
-  for field in ('batch_size', 'eval_batch_size', 'num_steps', 'log_every_steps', 'eval_every_steps',
-                'checkpoint_every_steps', 'keep_checkpoints'):
+  _require(
+    opt.momentum_style in optim.MOMENTUM_STYLES,
+    f'optimizer.momentum_style must be one of {optim.MOMENTUM_STYLES}, got {opt.momentum_style!r}.',
+  )
+  _require(
+    list(opt.boundaries) == sorted(opt.boundaries),
+    f'optimizer.boundaries must be increasing steps, got {tuple(opt.boundaries)}.',
+  )
+  _require(
+    opt.schedule in optim.SCHEDULES,
+    f'optimizer.schedule must be one of {optim.SCHEDULES}, got {opt.schedule!r}.',
+  )
+  _require(
+    isinstance(opt.get('plateau_patience', 1), int) and opt.get('plateau_patience', 1) > 0,
+    f'optimizer.plateau_patience must be a positive number of evaluations, got {opt.get("plateau_patience")!r}.',
+  )
+  _require(
+    opt.get('plateau_threshold', 0) >= 0,
+    f'optimizer.plateau_threshold must be >= 0, got {opt.get("plateau_threshold")}.',
+  )
+  _require(
+    opt.warmup_learning_rate >= 0,
+    f'optimizer.warmup_learning_rate must be >= 0 (0 = no warm-up), got {opt.warmup_learning_rate}.',
+  )
+  for field in (
+    'batch_size',
+    'eval_batch_size',
+    'num_steps',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+  ):
     value = train[field]
-    _require(isinstance(value, int) and value > 0, f'train.{field} must be a positive integer, got {value!r}.')
+    _require(
+      isinstance(value, int) and value > 0,
+      f'train.{field} must be a positive integer, got {value!r}.',
+    )
   k = train.get('steps_per_dispatch', 1)
-  _require(isinstance(k, int) and k > 0, f'train.steps_per_dispatch must be a positive integer, got {k!r}.')
+  _require(
+    isinstance(k, int) and k > 0, f'train.steps_per_dispatch must be a positive integer, got {k!r}.'
+  )
   for field in ('num_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
-    _require(train[field] % k == 0, f'train.{field}={train[field]} is not a multiple of train.steps_per_dispatch={k}: '
-                                    f'use a multiple of {k}, or a steps_per_dispatch that divides it.')
-  _require(train.on_nonfinite in ('stop', 'skip'),
-           f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}.")
-  _require(data.source in data_lib.SOURCES,
-           f'data.source must be one of {data_lib.SOURCES}, got {data.source!r}.')
-  _require(data.name in data_lib.DATASETS,
-           f'data.name must be one of {data_lib.DATASETS}, got {data.name!r}.')
+    _require(
+      train[field] % k == 0,
+      f'train.{field}={train[field]} is not a multiple of train.steps_per_dispatch={k}: '
+      f'use a multiple of {k}, or a steps_per_dispatch that divides it.',
+    )
+  _require(
+    train.on_nonfinite in ('stop', 'skip'),
+    f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}.",
+  )
+  _require(
+    data.source in data_lib.SOURCES,
+    f'data.source must be one of {data_lib.SOURCES}, got {data.source!r}.',
+  )
+  _require(
+    data.name in data_lib.DATASETS,
+    f'data.name must be one of {data_lib.DATASETS}, got {data.name!r}.',
+  )
   for field in ('val_split', 'train_limit', 'eval_limit'):
-    _require(isinstance(data[field], int) and data[field] >= 0,
-             f'data.{field}={data[field]!r} must be 0 (off) or a positive count.')
-  _require(isinstance(data.image_size, int) and data.image_size > 0,
-           f'data.image_size={data.image_size!r} must be a positive number of pixels (CIFAR-10: 32).')
-  _require(data.source != 'image_folder' or data.image_folder,
-           'data.source is image_folder but data.image_folder is empty: set --config.data.image_folder=PATH.')
-  _require(not data.get('on_device') or data.name == 'cifar10' or data.source == 'synthetic',
-           'data.on_device keeps the whole training set on the accelerators, which only CIFAR-10 (or synthetic '
-           'data) fits: set --config.data.on_device=False.')
+    _require(
+      isinstance(data[field], int) and data[field] >= 0,
+      f'data.{field}={data[field]!r} must be 0 (off) or a positive count.',
+    )
+  _require(
+    isinstance(data.image_size, int) and data.image_size > 0,
+    f'data.image_size={data.image_size!r} must be a positive number of pixels (CIFAR-10: 32).',
+  )
+  _require(
+    data.source != 'image_folder' or data.image_folder,
+    'data.source is image_folder but data.image_folder is empty: set --config.data.image_folder=PATH.',
+  )
+  _require(
+    not data.get('on_device') or data.name == 'cifar10' or data.source == 'synthetic',
+    'data.on_device keeps the whole training set on the accelerators, which only CIFAR-10 (or synthetic '
+    'data) fits: set --config.data.on_device=False.',
+  )
   if data.name == 'imagenet2012':
-    _require(data.augment in ('paper', 'inception'),
-             f"data.augment must be 'paper' or 'inception', got {data.augment!r}.")
-    _require(0 < data.image_size <= data.scale_min <= data.scale_max,
-             f'data.scale_min and scale_max must satisfy image_size <= scale_min <= scale_max, got '
-             f'{data.image_size}, {data.scale_min}, {data.scale_max}.')
-    _require(data.image_size <= data.eval_resize,
-             f'data.eval_resize={data.eval_resize} is smaller than the crop data.image_size={data.image_size}.')
+    _require(
+      data.augment in ('paper', 'inception'),
+      f"data.augment must be 'paper' or 'inception', got {data.augment!r}.",
+    )
+    _require(
+      0 < data.image_size <= data.scale_min <= data.scale_max,
+      f'data.scale_min and scale_max must satisfy image_size <= scale_min <= scale_max, got '
+      f'{data.image_size}, {data.scale_min}, {data.scale_max}.',
+    )
+    _require(
+      data.image_size <= data.eval_resize,
+      f'data.eval_resize={data.eval_resize} is smaller than the crop data.image_size={data.image_size}.',
+    )
     _require(data.mean_images > 0, f'data.mean_images must be positive, got {data.mean_images}.')
   group = config.model.get('bn_group_size') or 0
-  _require(isinstance(group, int) and group >= 0,
-           f'model.bn_group_size must be 0 (the global batch) or a positive group size, got {group!r}.')
+  _require(
+    isinstance(group, int) and group >= 0,
+    f'model.bn_group_size must be 0 (the global batch) or a positive group size, got {group!r}.',
+  )
   if group and device_count:
     per_device = train.batch_size // device_count
-    _require(per_device % group == 0,
-             f'model.bn_group_size={group} does not divide the {per_device} examples each of the {device_count} '
-             f'devices gets (train.batch_size={train.batch_size}): use a divisor of {per_device}.')
+    _require(
+      per_device % group == 0,
+      f'model.bn_group_size={group} does not divide the {per_device} examples each of the {device_count} '
+      f'devices gets (train.batch_size={train.batch_size}): use a divisor of {per_device}.',
+    )
   for field in ('batch_size', 'eval_batch_size'):
     if device_count:
-      _require(train[field] % device_count == 0,
-               f'train.{field}={train[field]} is not divisible by the {device_count} devices: use a multiple '
-               f'of {device_count}.')
-    _require(train[field] % process_count == 0,
-             f'train.{field}={train[field]} is not divisible by the {process_count} processes.')
+      _require(
+        train[field] % device_count == 0,
+        f'train.{field}={train[field]} is not divisible by the {device_count} devices: use a multiple '
+        f'of {device_count}.',
+      )
+    _require(
+      train[field] % process_count == 0,
+      f'train.{field}={train[field]} is not divisible by the {process_count} processes.',
+    )

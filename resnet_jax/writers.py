@@ -4,6 +4,7 @@ clu's metric writers import TensorFlow, which the lent GPU machines do not have;
 the console and metrics.jsonl only, and says so once. metrics.jsonl gets one JSON object per logged step and
 split: {"step", "split", <metrics>}, the source of the plots in experiments/.
 """
+
 import json
 import os
 import time
@@ -13,7 +14,8 @@ from absl import logging
 
 def _tensorflow_available():
   try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    import tensorflow  # noqa: F401
+
     return True
   except ImportError:
     return False
@@ -30,17 +32,22 @@ class Writer:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     if _tensorflow_available():
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      from clu import metric_writers
+
       self._tb = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
     else:
-      logging.warning('TensorFlow is not importable: no TensorBoard events; metrics go to the console '
-                      'and %s.', os.path.join(workdir, 'metrics.jsonl'))
+      logging.warning(
+        'TensorFlow is not importable: no TensorBoard events; metrics go to the console and %s.',
+        os.path.join(workdir, 'metrics.jsonl'),
+      )
 
   def write(self, step, split, scalars):
     if not self._is_main:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), 'split': split, **scalars, 'time': time.time()}) + '\n')
+    self._jsonl.write(
+      json.dumps({'step': int(step), 'split': split, **scalars, 'time': time.time()}) + '\n'
+    )
     self._jsonl.flush()
     if self._tb is not None:
       self._tb.write_scalars(int(step), {f'{split}/{k}': v for k, v in scalars.items()})
@@ -70,5 +77,8 @@ class Progress:
     now = time.perf_counter()
     self._last = (step, now)
     rate = (step - last_step) / max(now - last_time, 1e-9)
-    return {'steps_per_sec': rate, 'images_per_sec': rate * self._batch_size,
-            'eta_min': (self._num_steps - step) / max(rate, 1e-9) / 60}
+    return {
+      'steps_per_sec': rate,
+      'images_per_sec': rate * self._batch_size,
+      'eta_min': (self._num_steps - step) / max(rate, 1e-9) / 60,
+    }

@@ -1,4 +1,5 @@
 """Shared test set-up: 8 fake CPU devices, a persistent compilation cache, the real data fixtures."""
+
 import os
 import pathlib
 import tarfile
@@ -7,16 +8,20 @@ import tarfile
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-_CACHE = pathlib.Path(os.environ.get('RESNET_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'resnet_jax_tests'))
+_CACHE = pathlib.Path(
+  os.environ.get('RESNET_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'resnet_jax_tests')
+)
 # A persistent compilation cache, set in the environment so that the CLI processes the tests start share it:
 # each would otherwise compile the same ResNet-8 steps again.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(_CACHE / 'jax'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get('RESNET_JAX_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+SHARED_DATA = pathlib.Path(
+  os.environ.get('RESNET_JAX_SHARED_DATA', REPO.parent / 'shared' / 'data')
+)
 
 
 def _extract(tmp_path_factory, name, top):

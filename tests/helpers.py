@@ -1,4 +1,5 @@
 """Small runs shared by the end-to-end tests: a ResNet-8 config, its CLI flags, the CLI, checkpoints."""
+
 import pathlib
 import subprocess
 import sys
@@ -6,13 +7,20 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from conftest import REPO
 
 from resnet_jax import defaults
-from conftest import REPO
 
 
 def run_cli(workdir, *overrides, config='configs/cifar10_20.py', check=True, timeout=600):
-  cmd = [sys.executable, '-m', 'resnet_jax.main', f'--config={config}', f'--workdir={workdir}', *overrides]
+  cmd = [
+    sys.executable,
+    '-m',
+    'resnet_jax.main',
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *overrides,
+  ]
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
   if check and result.returncode:
     raise AssertionError(f'{" ".join(cmd)} failed:\n{result.stderr[-3000:]}')
@@ -24,8 +32,14 @@ def small_run(**overrides):
   config = defaults.get_config()
   config.model.depth = 8
   config.data.update(source='synthetic', train_limit=256, eval_limit=100)
-  config.train.update(batch_size=32, eval_batch_size=64, num_steps=6, log_every_steps=2, eval_every_steps=3,
-                      checkpoint_every_steps=3)
+  config.train.update(
+    batch_size=32,
+    eval_batch_size=64,
+    num_steps=6,
+    log_every_steps=2,
+    eval_every_steps=3,
+    checkpoint_every_steps=3,
+  )
   for key, value in overrides.items():
     section, field = key.split('__')
     config[section][field] = value
@@ -33,18 +47,26 @@ def small_run(**overrides):
 
 
 def as_flags(config):
-  return [f'--config.{s}.{k}={v}' for s in ('model', 'data', 'train') for k, v in config[s].items()
-          if v != defaults.get_config()[s][k] and not isinstance(v, (tuple, list))]
+  return [
+    f'--config.{s}.{k}={v}'
+    for s in ('model', 'data', 'train')
+    for k, v in config[s].items()
+    if v != defaults.get_config()[s][k] and not isinstance(v, (tuple, list))
+  ]
 
 
 def final_params(workdir):
   steps = checkpoint_steps(workdir)
-  state = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / 'checkpoints' / str(steps[-1]) / 'default')
+  state = ocp.StandardCheckpointer().restore(
+    pathlib.Path(workdir) / 'checkpoints' / str(steps[-1]) / 'default'
+  )
   return steps[-1], state
 
 
 def checkpoint_steps(workdir):
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir() if p.name.isdigit())
+  return sorted(
+    int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir() if p.name.isdigit()
+  )
 
 
 def assert_same_checkpoints(workdir_a, workdir_b):

@@ -1,22 +1,24 @@
 """experiments/benchmark.py and its PyTorch twin: the twin is our network (equal parameter counts, equal
 logits with our weights), and the JAX side times our real training step. Torch tests skip without torch."""
+
 import functools
 import sys
 
 import jax
 import numpy as np
 import pytest
-
-from resnet_jax import defaults
 from conftest import REPO
-from resnet_jax import models, summary
+
+from resnet_jax import defaults, models, summary
 
 sys.path.insert(0, str(REPO))  # experiments/ is no installed package
-from experiments import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import benchmark
 
 # ResNet-8's forward multiply-adds at 32x32, by hand: stem 27*16*32^2, stage 1 two 3x3 16->16 convs at 32^2,
 # stage 2 (16->32, 32->32) at 16^2, stage 3 (32->64, 64->64) at 8^2, fc 64*10.
-RESNET8_MACS = (27 * 16 * 1024 + 2 * 144 * 16 * 1024 + (144 + 288) * 32 * 256 + (288 + 576) * 64 * 64 + 640)
+RESNET8_MACS = (
+  27 * 16 * 1024 + 2 * 144 * 16 * 1024 + (144 + 288) * 32 * 256 + (288 + 576) * 64 * 64 + 640
+)
 
 
 def model_config(family, depth, size):
@@ -32,8 +34,9 @@ def torch_fixture():
 
 
 @pytest.fixture(name='twin', scope='module')
-def twin_fixture(torch):  # pylint: disable=unused-argument
-  from experiments import torch_twin  # pylint: disable=g-import-not-at-top
+def twin_fixture(torch):
+  from experiments import torch_twin
+
   return torch_twin
 
 
@@ -54,17 +57,25 @@ def random_variables(config, seed=0):
   return jax.tree_util.tree_map_with_path(fill, {k: shapes[k] for k in ('params', 'batch_stats')})
 
 
-@pytest.mark.parametrize('family,depth', [('cifar', 20), ('cifar', 56), ('imagenet', 18), ('imagenet', 50)])
+@pytest.mark.parametrize(
+  'family,depth', [('cifar', 20), ('cifar', 56), ('imagenet', 18), ('imagenet', 50)]
+)
 def test_twin_has_our_parameter_count_and_shapes(twin, family, depth):
   config = model_config(family, depth, 32 if family == 'cifar' else 224)
   _, ours, _ = summary.count(config)
   net = twin.build(config.model)
   assert twin.num_params(net) == ours
-  twin.load_flax_params(net, random_variables(config))  # strict: every name and shape has its counterpart
+  twin.load_flax_params(
+    net, random_variables(config)
+  )  # strict: every name and shape has its counterpart
 
 
-LOGIT_CASES = [('cifar', 20, 32, False), ('cifar', 20, 32, True), ('imagenet', 18, 64, False),
-               ('imagenet', 50, 64, False)]
+LOGIT_CASES = [
+  ('cifar', 20, 32, False),
+  ('cifar', 20, 32, True),
+  ('imagenet', 18, 64, False),
+  ('imagenet', 50, 64, False),
+]
 
 
 @pytest.mark.parametrize('family,depth,size,train', LOGIT_CASES)
@@ -75,7 +86,9 @@ def test_twin_logits_equal_ours(torch, twin, family, depth, size, train):
   variables = random_variables(config)
   images = np.random.default_rng(1).normal(size=(2, size, size, 3)).astype(np.float32)
   model = models.create(config.model)
-  apply = jax.jit(functools.partial(model.apply, train=train, mutable=['batch_stats'] if train else False))
+  apply = jax.jit(
+    functools.partial(model.apply, train=train, mutable=['batch_stats'] if train else False)
+  )
   ours = apply(variables, images)
   ours = np.asarray(ours[0] if train else ours)
   net = twin.load_flax_params(twin.build(config.model), variables).train(train)
@@ -91,15 +104,21 @@ def test_twin_initialises_as_ours(twin):
   conv = net.stage3_block3.conv2.weight.detach().numpy()
   np.testing.assert_allclose(conv.std(), np.sqrt(2 / (9 * 64)), rtol=0.05)
   fc = net.fc.weight.detach().numpy()
-  assert np.abs(fc).max() <= 2 * np.sqrt(1 / 64) / .87962566103423978
-  assert (net.stem_bn.weight.detach().numpy() == 1).all() and (net.fc.bias.detach().numpy() == 0).all()
+  assert np.abs(fc).max() <= 2 * np.sqrt(1 / 64) / 0.87962566103423978
+  assert (net.stem_bn.weight.detach().numpy() == 1).all() and (
+    net.fc.bias.detach().numpy() == 0
+  ).all()
 
 
 def test_parse_grid():
-  specs = benchmark.parse_grid('cifar20:128:float32, imagenet50:32:bfloat16,imagenet18:8:float32:64')
+  specs = benchmark.parse_grid(
+    'cifar20:128:float32, imagenet50:32:bfloat16,imagenet18:8:float32:64'
+  )
   assert [(s.family, s.depth, s.batch, s.dtype, s.image_size) for s in specs] == [
-      ('cifar', 20, 128, 'float32', 32), ('imagenet', 50, 32, 'bfloat16', 224),
-      ('imagenet', 18, 8, 'float32', 64)]
+    ('cifar', 20, 128, 'float32', 32),
+    ('imagenet', 50, 32, 'bfloat16', 224),
+    ('imagenet', 18, 8, 'float32', 64),
+  ]
   for bad in ('resnet20:128:float32', 'cifar20:128', 'cifar20:x:float32', 'cifar20:128:float16'):
     with pytest.raises(ValueError):
       benchmark.parse_grid(bad)
@@ -119,10 +138,21 @@ def test_peaks_come_from_the_table():
 def test_jax_side_times_our_training_step_and_writes_the_table(tmp_path):
   """ResNet-8, batch 16, 2 timed steps: our step is timed, FLOPs come from the MACs, the file is written."""
   out = tmp_path / 'benchmarks.md'
-  rows = benchmark.main(['--grid=cifar8:16:float32', '--frameworks=jax', '--steps=2', '--warmup=1',
-                         '--repeats=1', '--peak_tflops=1', f'--out={out}'])
+  rows = benchmark.main(
+    [
+      '--grid=cifar8:16:float32',
+      '--frameworks=jax',
+      '--steps=2',
+      '--warmup=1',
+      '--repeats=1',
+      '--peak_tflops=1',
+      f'--out={out}',
+    ]
+  )
   (row,) = rows
-  assert row['framework'] == 'JAX (ours)' and row['mode'] == 'jit, 1 device' and row['params'] == 75_290
+  assert (
+    row['framework'] == 'JAX (ours)' and row['mode'] == 'jit, 1 device' and row['params'] == 75_290
+  )
   assert row['images_per_s'] > 0 and row['ms_per_step'] > 0 and row['timed'] == '1 x 2'
   _, _, macs = summary.count(model_config('cifar', 8, 32))
   assert row['train_flops_per_image'] == 6 * RESNET8_MACS == 6 * macs
@@ -130,7 +160,11 @@ def test_jax_side_times_our_training_step_and_writes_the_table(tmp_path):
   text = out.read_text()
   assert text.startswith(benchmark.HEADER.splitlines()[0]) and text.count('\n## ') == 1
   assert '| JAX (ours) | jit, 1 device | ResNet-8 (32x32) | 16 | float32 | 75,290 |' in text
-  assert '--grid=cifar8:16:float32' in text and 'jax ' + jax.__version__ in text and 'while timing' in text
+  assert (
+    '--grid=cifar8:16:float32' in text
+    and 'jax ' + jax.__version__ in text
+    and 'while timing' in text
+  )
 
 
 def test_write_replaces_the_same_devices_section(tmp_path):
@@ -141,4 +175,6 @@ def test_write_replaces_the_same_devices_section(tmp_path):
   text = out.read_text()
   assert text.startswith(benchmark.HEADER.rstrip('\n'))
   assert text.count('## CPU: X') == 1 and 'first' not in text
-  assert text.index('## CPU: X') < text.index('third') < text.index('## GPU Y') < text.index('second')
+  assert (
+    text.index('## CPU: X') < text.index('third') < text.index('## GPU Y') < text.index('second')
+  )

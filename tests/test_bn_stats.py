@@ -1,4 +1,5 @@
 """Exact post-training BN statistics against a NumPy computation of the same features."""
+
 import json
 import subprocess
 import sys
@@ -6,9 +7,9 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
-
 from conftest import REPO
 from helpers import small_run
+
 from resnet_jax import bn_stats, models, parallel, train
 
 
@@ -17,7 +18,9 @@ class TinyNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train=True):
-    bn = lambda name: models.BatchNorm(use_running_average=not train, axis_name=parallel.AXIS, name=name)
+    bn = lambda name: models.BatchNorm(
+      use_running_average=not train, axis_name=parallel.AXIS, name=name
+    )
     x = nn.relu(bn('bn1')(nn.Conv(5, (1, 1), use_bias=False, name='conv1')(x)))
     return bn('bn2')(nn.Conv(4, (1, 1), use_bias=False, name='conv2')(x)).mean(axis=(1, 2))
 
@@ -27,7 +30,9 @@ def test_recomputed_statistics_equal_numpy():
   batches = [rng.normal(size=(8, 3, 3, 2)).astype(np.float32) + i for i in range(3)]
   model = TinyNet()
   variables = model.init(jax.random.key(0), batches[0], train=False)
-  params = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), variables['params'])
+  params = jax.tree.map(
+    lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), variables['params']
+  )
   mesh = parallel.make_mesh(jax.devices()[:4])
   placed = [parallel.to_global({'image': b}, mesh) for b in batches]
   stats = jax.device_get(bn_stats.recompute(model, params, variables['batch_stats'], placed, mesh))
@@ -37,7 +42,9 @@ def test_recomputed_statistics_equal_numpy():
   f2 = []
   for f in f1:  # train mode: each batch normalised with its own statistics
     mean, var = f.mean(axis=(0, 1, 2)), f.var(axis=(0, 1, 2))
-    h = (f - mean) / np.sqrt(var + 1e-5) * np.asarray(params['bn1']['scale']) + np.asarray(params['bn1']['bias'])
+    h = (f - mean) / np.sqrt(var + 1e-5) * np.asarray(params['bn1']['scale']) + np.asarray(
+      params['bn1']['bias']
+    )
     f2.append(np.maximum(h, 0) @ w2)
   for name, feats in (('bn1', f1), ('bn2', f2)):
     every = np.concatenate(feats).reshape(-1, feats[0].shape[-1])  # all 3 x 8 images' features
@@ -49,7 +56,13 @@ def test_after_training_and_as_a_command(tmp_path):
   config = small_run(train__num_steps=4, train__recompute_bn_stats=True, train__bn_stats_images=64)
   results = train.train_and_evaluate(config, str(tmp_path))
   assert 0 <= results['test_error_moving_average_bn'] <= 1 and 0 <= results['test_error'] <= 1
-  command = [sys.executable, '-m', 'resnet_jax.bn_stats', f'--workdir={tmp_path}', '--num_images=64']
+  command = [
+    sys.executable,
+    '-m',
+    'resnet_jax.bn_stats',
+    f'--workdir={tmp_path}',
+    '--num_images=64',
+  ]
   subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=300)
   report = json.loads((tmp_path / 'bn_stats.json').read_text())
   assert report['step'] == 4 and report['num_images'] == 64
@@ -58,5 +71,3 @@ def test_after_training_and_as_a_command(tmp_path):
   assert abs(report['recomputed']['error'] - results['test_error']) < 1e-6
   assert report['checkpoint']['statistics'] == 'recomputed_after_training'
   assert abs(report['checkpoint']['error'] - results['test_error']) < 1e-6
-
-

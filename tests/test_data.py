@@ -1,4 +1,5 @@
 """Tests for the input pipeline: paper augmentation, step-addressed order, process shares and sources."""
+
 import os
 import re
 import socket
@@ -11,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import defaults
-from resnet_jax import data, validate
+from resnet_jax import data, defaults, validate
 from resnet_jax.data import common, in_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +29,20 @@ def _dataset(n=100, m=37, labels_are_indices=False, seed=0):
   """A small in-memory dataset; with labels_are_indices the label of a training image is its index."""
   rng = np.random.default_rng(seed)
   train = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-  labels = np.arange(n, dtype=np.int32) if labels_are_indices else rng.integers(0, 10, n).astype(np.int32)
+  labels = (
+    np.arange(n, dtype=np.int32) if labels_are_indices else rng.integers(0, 10, n).astype(np.int32)
+  )
   evals = rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8)
   mean = train.mean(axis=0).astype(np.float32)
-  return in_memory.Dataset(train, labels, evals, rng.integers(0, 10, m).astype(np.int32), mean,
-                    n if labels_are_indices else 10, 'test')
+  return in_memory.Dataset(
+    train,
+    labels,
+    evals,
+    rng.integers(0, 10, m).astype(np.int32),
+    mean,
+    n if labels_are_indices else 10,
+    'test',
+  )
 
 
 def _expected_train(ds, step, batch_size, seed):
@@ -41,14 +50,18 @@ def _expected_train(ds, step, batch_size, seed):
   n = len(ds.train_labels)
   spe = n // batch_size
   perm = np.random.default_rng([seed, step // spe]).permutation(n)
-  index = perm[(step % spe) * batch_size:(step % spe + 1) * batch_size]
+  index = perm[(step % spe) * batch_size : (step % spe + 1) * batch_size]
   rng = np.random.default_rng([seed, step, 1])
-  dy, dx, flip = rng.integers(0, 9, batch_size), rng.integers(0, 9, batch_size), rng.random(batch_size) < 0.5
+  dy, dx, flip = (
+    rng.integers(0, 9, batch_size),
+    rng.integers(0, 9, batch_size),
+    rng.random(batch_size) < 0.5,
+  )
   images = []
   for i, j in enumerate(index):
     x = (ds.train_images[j].astype(np.float32) - ds.mean_image) / 255
     padded = np.pad(x, ((4, 4), (4, 4), (0, 0)))
-    crop = padded[dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+    crop = padded[dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
     images.append(crop[:, ::-1] if flip[i] else crop)
   return np.stack(images), ds.train_labels[index], dy, dx, flip
 
@@ -84,7 +97,15 @@ def test_padding_is_the_mean_colour():
   """An image equal to the mean becomes all zeros, padding included, whatever the crop."""
   ds = _dataset()
   const = np.full((100, 32, 32, 3), 77, np.uint8)
-  ds = in_memory.Dataset(const, ds.train_labels, const[:5], ds.eval_labels[:5], const.mean(0).astype(np.float32), 10, 'test')
+  ds = in_memory.Dataset(
+    const,
+    ds.train_labels,
+    const[:5],
+    ds.eval_labels[:5],
+    const.mean(0).astype(np.float32),
+    10,
+    'test',
+  )
   assert not in_memory.train_batch(ds, 0, 32, seed=0)['image'].any()
 
 
@@ -103,8 +124,12 @@ def test_epochs_cover_each_index_once_and_differ():
   ds = _dataset(n=96, labels_are_indices=True)
   spe = common.steps_per_epoch(96, 16)
   assert spe == 6
-  epochs = [np.concatenate([in_memory.train_batch(ds, s, 16, seed=0)['label'] for s in range(e * spe, (e + 1) * spe)])
-            for e in range(2)]
+  epochs = [
+    np.concatenate(
+      [in_memory.train_batch(ds, s, 16, seed=0)['label'] for s in range(e * spe, (e + 1) * spe)]
+    )
+    for e in range(2)
+  ]
   for order in epochs:
     np.testing.assert_array_equal(np.sort(order), np.arange(96))
   assert not np.array_equal(epochs[0], epochs[1])
@@ -112,7 +137,9 @@ def test_epochs_cover_each_index_once_and_differ():
   ds = _dataset(n=100, labels_are_indices=True)
   order = np.concatenate([in_memory.train_batch(ds, s, 16, seed=0)['label'] for s in range(6)])
   assert len(np.unique(order)) == 96
-  np.testing.assert_array_equal(common.epoch_permutation(0, 1, 100), np.random.default_rng([0, 1]).permutation(100))
+  np.testing.assert_array_equal(
+    common.epoch_permutation(0, 1, 100), np.random.default_rng([0, 1]).permutation(100)
+  )
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -124,7 +151,9 @@ def test_batches_depend_only_on_seed_and_step():
   assert not np.array_equal(a['image'], in_memory.train_batch(ds, 8, 16, seed=0)['image'])
   stream = ds.train_batches(7, 16, seed=0)
   np.testing.assert_array_equal(next(stream)['image'], a['image'])
-  np.testing.assert_array_equal(next(stream)['image'], in_memory.train_batch(ds, 8, 16, seed=0)['image'])
+  np.testing.assert_array_equal(
+    next(stream)['image'], in_memory.train_batch(ds, 8, 16, seed=0)['image']
+  )
 
 
 @pytest.mark.parametrize('processes', [2, 4])
@@ -132,8 +161,10 @@ def test_process_shares_concatenate_to_the_global_batch(processes):
   ds = _dataset()
   for step in (0, 9):
     whole = in_memory.train_batch(ds, step, 32, seed=0)
-    shares = [in_memory.train_batch(ds, step, 32, seed=0, process_index=p, process_count=processes)
-              for p in range(processes)]
+    shares = [
+      in_memory.train_batch(ds, step, 32, seed=0, process_index=p, process_count=processes)
+      for p in range(processes)
+    ]
     for key in ('image', 'label'):
       np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]), whole[key])
   whole = list(ds.eval_batches(8))
@@ -169,27 +200,43 @@ def test_bad_batch_sizes():
 
 def test_val_split_and_limits():
   full = data.load(_config(source='synthetic'), seed=0)
-  assert full.train_images.shape == (50_000, 32, 32, 3) and full.eval_images.shape == (10_000, 32, 32, 3)
+  assert full.train_images.shape == (50_000, 32, 32, 3) and full.eval_images.shape == (
+    10_000,
+    32,
+    32,
+    3,
+  )
   assert full.eval_split == 'test' and full.num_classes == 10
   split = data.load(_config(source='synthetic', val_split=5000), seed=0)
-  assert len(split.train_labels) == 45_000 and len(split.eval_labels) == 5000 and split.eval_split == 'val'
+  assert (
+    len(split.train_labels) == 45_000
+    and len(split.eval_labels) == 5000
+    and split.eval_split == 'val'
+  )
   rows = lambda images: {x.tobytes() for x in images}  # noqa: E731
   train_rows, val_rows = rows(split.train_images), rows(split.eval_images)
   assert not train_rows & val_rows
   assert train_rows | val_rows == rows(full.train_images)  # the test set is not used
-  limited = data.load(_config(source='synthetic', val_split=5000, train_limit=2000, eval_limit=300), seed=0)
+  limited = data.load(
+    _config(source='synthetic', val_split=5000, train_limit=2000, eval_limit=300), seed=0
+  )
   assert len(limited.train_labels) == 2000 and len(limited.eval_labels) == 300
   assert rows(limited.train_images) <= train_rows
   assert rows(limited.eval_images) <= rows(split.eval_images)
-  assert rows(limited.eval_images) != rows(split.eval_images[:300])  # a seeded sample, not the first 300
+  assert rows(limited.eval_images) != rows(
+    split.eval_images[:300]
+  )  # a seeded sample, not the first 300
   np.testing.assert_allclose(limited.mean_image, limited.train_images.mean(axis=0), atol=1e-4)
   with pytest.raises(data.DataError):
     data.load(_config(source='synthetic', val_split=50_000), seed=0)
 
 
 def test_unknown_source_and_dataset():
-  for overrides, field in (({'source': 'nope'}, 'data.source'), ({'name': 'mnist'}, 'data.name'),
-                           ({'train_limit': -1}, 'data.train_limit')):
+  for overrides, field in (
+    ({'source': 'nope'}, 'data.source'),
+    ({'name': 'mnist'}, 'data.name'),
+    ({'train_limit': -1}, 'data.train_limit'),
+  ):
     config = defaults.get_config()
     config.data.update(overrides)
     with pytest.raises(validate.ConfigError, match=re.escape(field)):
@@ -212,7 +259,9 @@ def _write_folder(root, classes=('zebra', 'apple', 'mango'), per_class=(3, 2), f
 
 def _expected_folder(pixels, split):
   classes = sorted({rel.split('/')[1] for rel in pixels})
-  rels = sorted((classes.index(rel.split('/')[1]), rel) for rel in pixels if rel.startswith(split + '/'))
+  rels = sorted(
+    (classes.index(rel.split('/')[1]), rel) for rel in pixels if rel.startswith(split + '/')
+  )
   return np.stack([pixels[rel] for _, rel in rels]), np.array([label for label, _ in rels])
 
 
@@ -221,12 +270,16 @@ def test_image_folder_pixels_and_class_order(tmp_path):
   gray = np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8)  # converted to RGB
   Image.fromarray(gray).save(tmp_path / 'data/train/apple/0003.png')
   pixels['train/apple/0003.png'] = np.repeat(gray[..., None], 3, axis=-1)
-  cfg = _config(source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache'))
+  cfg = _config(
+    source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache')
+  )
   data.check(cfg)
   ds = data.load(cfg, seed=0)
   assert ds.num_classes == 3 and ds.eval_split == 'test'
-  for split, images, labels in (('train', ds.train_images, ds.train_labels),
-                                ('test', ds.eval_images, ds.eval_labels)):
+  for split, images, labels in (
+    ('train', ds.train_images, ds.train_labels),
+    ('test', ds.eval_images, ds.eval_labels),
+  ):
     want_images, want_labels = _expected_folder(pixels, split)
     np.testing.assert_array_equal(images, want_images)
     np.testing.assert_array_equal(labels, want_labels)
@@ -235,7 +288,9 @@ def test_image_folder_pixels_and_class_order(tmp_path):
 
 def test_image_folder_cache_reused_and_invalidated(tmp_path, monkeypatch):
   pixels = _write_folder(tmp_path / 'data')
-  cfg = _config(source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache'))
+  cfg = _config(
+    source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache')
+  )
   first = data.load(cfg, seed=0)
   decode = in_memory._decode_files
 
@@ -244,7 +299,7 @@ def test_image_folder_cache_reused_and_invalidated(tmp_path, monkeypatch):
 
   monkeypatch.setattr(in_memory, '_decode_files', fail)
   np.testing.assert_array_equal(data.load(cfg, seed=0).train_images, first.train_images)
-  cache, = os.listdir(tmp_path / 'cache')
+  (cache,) = os.listdir(tmp_path / 'cache')
   assert cache.endswith('.npz')
   changed = np.zeros((32, 32, 3), np.uint8)
   Image.fromarray(changed).save(tmp_path / 'data/test/mango/0001.png')
@@ -252,10 +307,14 @@ def test_image_folder_cache_reused_and_invalidated(tmp_path, monkeypatch):
     data.load(cfg, seed=0)
   monkeypatch.setattr(in_memory, '_decode_files', decode)
   pixels['test/mango/0001.png'] = changed
-  np.testing.assert_array_equal(data.load(cfg, seed=0).eval_images, _expected_folder(pixels, 'test')[0])
+  np.testing.assert_array_equal(
+    data.load(cfg, seed=0).eval_images, _expected_folder(pixels, 'test')[0]
+  )
   for name in os.listdir(tmp_path / 'cache'):  # a damaged cache is decoded again
     (tmp_path / 'cache' / name).write_bytes(b'PK damaged')
-  np.testing.assert_array_equal(data.load(cfg, seed=0).eval_images, _expected_folder(pixels, 'test')[0])
+  np.testing.assert_array_equal(
+    data.load(cfg, seed=0).eval_images, _expected_folder(pixels, 'test')[0]
+  )
 
 
 def test_image_folder_tar_gz(tmp_path):
@@ -283,7 +342,9 @@ def test_image_folder_tar_gz(tmp_path):
 
 def test_image_folder_bad_files(tmp_path):
   _write_folder(tmp_path / 'data', fmt='jpg')
-  cfg = _config(source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache'))
+  cfg = _config(
+    source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache')
+  )
   bad = tmp_path / 'data/train/mango/0001.jpg'
   bad.write_bytes(b'not a jpeg at all')
   with pytest.raises(data.DataError, match=re.escape(str(bad))):
@@ -350,7 +411,9 @@ else:
 
 
 def test_real_cifar10_folder(cifar_folder, cifar_cache_dir):
-  cfg = _config(source='image_folder', image_folder=str(cifar_folder), cache_dir=str(cifar_cache_dir))
+  cfg = _config(
+    source='image_folder', image_folder=str(cifar_folder), cache_dir=str(cifar_cache_dir)
+  )
   ds = data.load(cfg, seed=0)
   assert ds.train_images.shape == (50_000, 32, 32, 3) and ds.train_images.dtype == np.uint8
   assert ds.eval_images.shape == (10_000, 32, 32, 3) and ds.eval_split == 'test'
@@ -360,7 +423,9 @@ def test_real_cifar10_folder(cifar_folder, cifar_cache_dir):
   assert classes[0] == 'airplane' and classes[-1] == 'truck'
   for label in (0, 3, 9):  # labels follow the sorted class folders, files in sorted order
     first = sorted(os.listdir(os.path.join(cifar_folder, 'train', classes[label])))[0]
-    x = np.asarray(Image.open(os.path.join(cifar_folder, 'train', classes[label], first)).convert('RGB'))
+    x = np.asarray(
+      Image.open(os.path.join(cifar_folder, 'train', classes[label], first)).convert('RGB')
+    )
     np.testing.assert_array_equal(ds.train_images[label * 5000], x)
     assert ds.train_labels[label * 5000] == label
   np.testing.assert_allclose(ds.mean_image.mean(axis=(0, 1)), [125.3, 123.0, 113.9], atol=5)

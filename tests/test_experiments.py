@@ -1,20 +1,23 @@
 """The analysis scripts in experiments/ on two tiny real runs (a ResNet-8 and its plain twin) and fake run dirs."""
+
 import json
 import sys
 
+import helpers
 import jax
 import numpy as np
 import pytest
-
-import helpers
 from conftest import REPO
+
 from resnet_jax import data, defaults, models, train
 from resnet_jax.data import in_memory
 
 sys.path.insert(0, str(REPO))  # experiments/ is no installed package
-from experiments import cifar_table, layer_responses, plot_curves  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import cifar_table, layer_responses, plot_curves
 
-NUM_IMAGES = 64  # two eval batches of 48: the second one is two-thirds padding, which must not count
+NUM_IMAGES = (
+  64  # two eval batches of 48: the second one is two-thirds padding, which must not count
+)
 
 
 @pytest.fixture(scope='module')
@@ -51,17 +54,37 @@ def independent_stds(workdir, config, num_images):
   """The statistic from the intermediates of one forward pass over the images, reduced in NumPy."""
   ds = data.load(config.data, config.seed)
   _, state = helpers.final_params(workdir)
-  variables = jax.tree.map(np.asarray, {'params': state['params'], 'batch_stats': state['batch_stats']})
+  variables = jax.tree.map(
+    np.asarray, {'params': state['params'], 'batch_stats': state['batch_stats']}
+  )
   images = in_memory.preprocess_eval(ds.eval_images[:num_images], ds.mean_image)
-  _, sown = models.create(config.model).apply(variables, images, train=False, mutable=['intermediates'])
-  responses = [np.asarray(y, np.float64) for block in sown['intermediates'].values() for y in block['responses']]
+  _, sown = models.create(config.model).apply(
+    variables, images, train=False, mutable=['intermediates']
+  )
+  responses = [
+    np.asarray(y, np.float64)
+    for block in sown['intermediates'].values()
+    for y in block['responses']
+  ]
   return np.array([y.reshape(-1, y.shape[-1]).std(axis=0).mean() for y in responses])
 
 
 def test_layer_responses_match_numpy(runs, tmp_path):
   out = tmp_path / 'fig7.png'
-  layer_responses.main(['--workdir', str(runs['plain8']), '--workdir', str(runs['resnet8']), '--out', str(out),
-                        '--num_images', str(NUM_IMAGES), '--batch_size', '48'])
+  layer_responses.main(
+    [
+      '--workdir',
+      str(runs['plain8']),
+      '--workdir',
+      str(runs['resnet8']),
+      '--out',
+      str(out),
+      '--num_images',
+      str(NUM_IMAGES),
+      '--batch_size',
+      '48',
+    ]
+  )
   assert out.stat().st_size > 1000
   written = json.loads((tmp_path / 'fig7.png.json').read_text())
   assert sorted(written) == ['plain8', 'resnet8']
@@ -81,9 +104,21 @@ def write_run(runs_dir, name, steps, error, seed=0, **config_overrides):
   workdir = runs_dir / name
   workdir.mkdir()
   (workdir / 'config.json').write_text(json.dumps(config))
-  (workdir / 'results.json').write_text(json.dumps({
-      'config': 'cifar10_20', 'test_error': error, 'test_loss': 0.3, 'steps': steps, 'wall_time_s': 7200.0,
-      'start_step': 0, 'device_kind': 'NVIDIA H100', 'device_count': 1, 'platform': 'gpu'}))
+  (workdir / 'results.json').write_text(
+    json.dumps(
+      {
+        'config': 'cifar10_20',
+        'test_error': error,
+        'test_loss': 0.3,
+        'steps': steps,
+        'wall_time_s': 7200.0,
+        'start_step': 0,
+        'device_kind': 'NVIDIA H100',
+        'device_count': 1,
+        'platform': 'gpu',
+      }
+    )
+  )
 
 
 def fake_runs_dir(tmp_path):
@@ -92,16 +127,23 @@ def fake_runs_dir(tmp_path):
   write_run(runs_dir, 'seed0', 64_000, 0.0900)
   write_run(runs_dir, 'seed1', 64_000, 0.0850, seed=1)
   write_run(runs_dir, 'short', 2_000, 0.0500)  # partial: must not count
-  write_run(runs_dir, 'synthetic', 64_000, 0.0100, data__source='synthetic')  # another recipe: must not count
+  write_run(
+    runs_dir, 'synthetic', 64_000, 0.0100, data__source='synthetic'
+  )  # another recipe: must not count
   return runs_dir
 
 
 def test_cifar_table(tmp_path):
   runs_dir, out = fake_runs_dir(tmp_path), tmp_path / 'table6.md'
   cifar_table.main(['--runs_dir', str(runs_dir), '--out', str(out)])
-  rows = {line.split(' | ')[0].lstrip('| '): line for line in out.read_text().splitlines()
-          if line.startswith('| ResNet-')}
-  assert sorted(rows, key=lambda n: int(n.split('-')[1])) == [f'ResNet-{d}' for d in cifar_table.DEPTHS]
+  rows = {
+    line.split(' | ')[0].lstrip('| '): line
+    for line in out.read_text().splitlines()
+    if line.startswith('| ResNet-')
+  }
+  assert sorted(rows, key=lambda n: int(n.split('-')[1])) == [
+    f'ResNet-{d}' for d in cifar_table.DEPTHS
+  ]
   # errors 8.50 and 9.00: best 8.50, mean 8.75, sample std 0.35
   assert '| 8.50 (8.75 ± 0.35) | 2 |' in rows['ResNet-20']
   assert 'NVIDIA H100 × 1' in rows['ResNet-20'] and '2.0 h' in rows['ResNet-20']
@@ -119,10 +161,24 @@ def test_cifar_table_launches_only_missing_runs(tmp_path, monkeypatch):
     return cifar_table.subprocess.CompletedProcess(cmd, 0)
 
   monkeypatch.setattr(cifar_table.subprocess, 'run', fake_run)
-  cifar_table.main(['--runs_dir', str(runs_dir), '--out', str(tmp_path / 't.md'), '--launch', '--seeds', '3',
-                    '--depths', '20', '32'])
+  cifar_table.main(
+    [
+      '--runs_dir',
+      str(runs_dir),
+      '--out',
+      str(tmp_path / 't.md'),
+      '--launch',
+      '--seeds',
+      '3',
+      '--depths',
+      '20',
+      '32',
+    ]
+  )
   launched = [(c[3], c[4].rsplit('/', 1)[1], c[5]) for c in calls]
-  assert launched == [('--config=configs/cifar10_32.py', 'cifar10_32_seed0', '--config.seed=0'),
-                      ('--config=configs/cifar10_32.py', 'cifar10_32_seed1', '--config.seed=1'),
-                      ('--config=configs/cifar10_20.py', 'cifar10_20_seed2', '--config.seed=2'),
-                      ('--config=configs/cifar10_32.py', 'cifar10_32_seed2', '--config.seed=2')]
+  assert launched == [
+    ('--config=configs/cifar10_32.py', 'cifar10_32_seed0', '--config.seed=0'),
+    ('--config=configs/cifar10_32.py', 'cifar10_32_seed1', '--config.seed=1'),
+    ('--config=configs/cifar10_20.py', 'cifar10_20_seed2', '--config.seed=2'),
+    ('--config=configs/cifar10_32.py', 'cifar10_32_seed2', '--config.seed=2'),
+  ]

@@ -1,4 +1,5 @@
 """ImageNet: labels, the paper's augmentation, the 1/10-crop and multi-scale views, evaluation and training."""
+
 import json
 import os
 
@@ -6,9 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import defaults
 from resnet_jax import data as data_lib
-from resnet_jax import evaluate, models, optim, parallel, train
+from resnet_jax import defaults, evaluate, models, optim, parallel, train
 from resnet_jax.data import imagenet
 
 tf = pytest.importorskip('tensorflow')
@@ -16,9 +16,21 @@ tf = pytest.importorskip('tensorflow')
 
 def _config(folder, cache, **data):
   config = defaults.get_imagenet_config()
-  config.data.update({'source': 'image_folder', 'image_folder': str(folder), 'train_split': 'val',
-                      'eval_split': 'val', 'cache_dir': str(cache), 'image_size': 64, 'scale_min': 72,
-                      'scale_max': 136, 'eval_resize': 72, 'eval_scales': (48, 64), **data})
+  config.data.update(
+    {
+      'source': 'image_folder',
+      'image_folder': str(folder),
+      'train_split': 'val',
+      'eval_split': 'val',
+      'cache_dir': str(cache),
+      'image_size': 64,
+      'scale_min': 72,
+      'scale_max': 136,
+      'eval_resize': 72,
+      'eval_scales': (48, 64),
+      **data,
+    }
+  )
   return config
 
 
@@ -35,8 +47,14 @@ def _bytes(folder, wnid):
 
 
 def test_sample_labels_are_ilsvrc_ids(sample, imagenet_sample_folder):
-  with open(os.path.join(os.path.dirname(__import__('tensorflow_datasets').__file__), 'datasets',
-                         'imagenet2012', 'labels.txt')) as f:
+  with open(
+    os.path.join(
+      os.path.dirname(__import__('tensorflow_datasets').__file__),
+      'datasets',
+      'imagenet2012',
+      'labels.txt',
+    )
+  ) as f:
     synsets = f.read().split()
   _, ds = sample
   wnids = sorted(os.listdir(imagenet_sample_folder / 'val'))
@@ -46,12 +64,22 @@ def test_sample_labels_are_ilsvrc_ids(sample, imagenet_sample_folder):
 
 
 def test_scale_augmentation_draws_shorter_sides_across_256_480():
-  draws = [imagenet.scale_window(tf, tf.constant([375, 500]), tf.constant([s, 7], tf.int64), (256, 480), 224)
-           for s in range(400)]
+  draws = [
+    imagenet.scale_window(
+      tf, tf.constant([375, 500]), tf.constant([s, 7], tf.int64), (256, 480), 224
+    )
+    for s in range(400)
+  ]
   scales = np.array([int(d[0]) for d in draws])
   assert scales.min() >= 256 and scales.max() <= 480 and scales.min() < 270 and scales.max() > 466
-  for scale, y, x, h, w in draws[:50]:  # a square of the crop's size in the image resized to shorter side S
-    assert int(h) == int(w) == round(224 * 375 / int(scale)) and 0 <= int(y) <= 375 - int(h) and 0 <= int(x) <= 500 - int(w)
+  for scale, y, x, h, w in draws[
+    :50
+  ]:  # a square of the crop's size in the image resized to shorter side S
+    assert (
+      int(h) == int(w) == round(224 * 375 / int(scale))
+      and 0 <= int(y) <= 375 - int(h)
+      and 0 <= int(x) <= 500 - int(w)
+    )
 
 
 def test_train_batches_are_step_addressed_and_shared(sample):
@@ -64,9 +92,13 @@ def test_train_batches_are_step_addressed_and_shared(sample):
   np.testing.assert_array_equal(resumed['image'], first[7]['image'])
   halves = [next(ds.train_batches(7, 16, 3, p, 2)) for p in (0, 1)]
   np.testing.assert_array_equal(np.concatenate([h['label'] for h in halves]), first[7]['label'])
-  np.testing.assert_allclose(np.concatenate([h['image'] for h in halves]), first[7]['image'], atol=1e-6)
+  np.testing.assert_allclose(
+    np.concatenate([h['image'] for h in halves]), first[7]['image'], atol=1e-6
+  )
   epoch0 = np.concatenate([b['label'] for b in first[:6]])
-  assert len(set(epoch0.tolist())) == 96  # distinct images within an epoch (the sample has one per class)
+  assert (
+    len(set(epoch0.tolist())) == 96
+  )  # distinct images within an epoch (the sample has one per class)
   assert abs(float(np.mean(first[0]['image']))) < 0.1  # mean subtracted
 
 
@@ -77,8 +109,13 @@ def test_ten_crops_are_corners_centre_and_flips(sample, imagenet_sample_folder):
   crops = imagenet.ten_crop_view(tf, data, config.data, np.zeros(3, np.float32)).numpy() * 255
   c, (h, w) = 64, resized.shape[:2]
   assert crops.shape == (10, c, c, 3) and min(h, w) == config.data.eval_resize
-  expected = [resized[:c, :c], resized[:c, w - c:], resized[h - c:, :c], resized[h - c:, w - c:],
-              resized[(h - c) // 2:(h - c) // 2 + c, (w - c) // 2:(w - c) // 2 + c]]
+  expected = [
+    resized[:c, :c],
+    resized[:c, w - c :],
+    resized[h - c :, :c],
+    resized[h - c :, w - c :],
+    resized[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c],
+  ]
   expected += [e[:, ::-1] for e in expected]
   np.testing.assert_allclose(crops, np.stack(expected), atol=1e-3)
   centre = imagenet.one_crop_view(tf, data, config.data, np.zeros(3, np.float32)).numpy() * 255
@@ -94,7 +131,7 @@ def test_eval_views_count_every_image_once(imagenet_sample_folder, tmp_path):
       for b in ds.eval_batches(16, p, 2, mode):
         assert b['image'].shape == (8, *shape) and b['image'].dtype == np.float32
         labels.append((p, b['label'][b['mask'] > 0]))
-    got = np.concatenate([l for p in (0, 1) for q, l in labels if q == p])
+    got = np.concatenate([line for p in (0, 1) for q, line in labels if q == p])
     assert sorted(got.tolist()) == sorted(ds.eval_labels.tolist()) and len(got) == 37
 
 
@@ -131,26 +168,55 @@ def test_multiscale_averages_scales_and_flips(imagenet_sample_folder, tmp_path):
 
 
 def test_evaluate_cli_refuses_ten_crops_of_cifar(tmp_path):
-  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  from conftest import REPO  # pylint: disable=g-import-not-at-top
-  out = subprocess.run([sys.executable, '-m', 'resnet_jax.evaluate', '--config=configs/cifar10_20.py',
-                        f'--workdir={tmp_path}', '--mode=10crop'], cwd=REPO, capture_output=True, text=True)
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'resnet_jax.evaluate',
+      '--config=configs/cifar10_20.py',
+      f'--workdir={tmp_path}',
+      '--mode=10crop',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-      'error: --mode=10crop needs ImageNet images (data.name=imagenet2012 with data.source tfds or image_folder); '
-      'CIFAR and synthetic data have one view: use --mode=1crop.']
+    'error: --mode=10crop needs ImageNet images (data.name=imagenet2012 with data.source tfds or image_folder); '
+    'CIFAR and synthetic data have one view: use --mode=1crop.'
+  ]
 
 
 def test_tfds_mock_source(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   config = defaults.get_imagenet_config()
-  config.data.update(source='tfds', cache_dir=str(tmp_path), image_size=32, scale_min=40, scale_max=64,
-                     eval_resize=40, mean_images=8)
+  config.data.update(
+    source='tfds',
+    cache_dir=str(tmp_path),
+    image_size=32,
+    scale_min=40,
+    scale_max=64,
+    eval_resize=40,
+    mean_images=8,
+  )
   with tfds.testing.mock_data(num_examples=21):
     ds = data_lib.load(config.data, 0)
     batch = next(ds.train_batches(0, 8, 0))
     evals = list(ds.eval_batches(8))
-  assert batch['image'].shape == (8, 32, 32, 3) and np.all((0 <= batch['label']) & (batch['label'] < 1000))
-  assert sum(int(b['mask'].sum()) for b in evals) == 21 and evals[0]['image'].shape == (8, 32, 32, 3)
+  assert batch['image'].shape == (8, 32, 32, 3) and np.all(
+    (0 <= batch['label']) & (batch['label'] < 1000)
+  )
+  assert sum(int(b['mask'].sum()) for b in evals) == 21 and evals[0]['image'].shape == (
+    8,
+    32,
+    32,
+    3,
+  )
 
 
 def test_plateau_rule():
@@ -164,18 +230,35 @@ def test_plateau_rule():
   lr = optim.learning_rate(opt, np.int32(10**6), True, p.drops)
   np.testing.assert_allclose(float(lr), 0.01, rtol=1e-6)
   opt.schedule = 'steps'  # boundaries at epochs 30, 60, 90 instead
-  assert float(optim.learning_rate(opt, np.int32(30 * defaults.STEPS_PER_EPOCH), True, 0)) == pytest.approx(0.01)
+  assert float(
+    optim.learning_rate(opt, np.int32(30 * defaults.STEPS_PER_EPOCH), True, 0)
+  ) == pytest.approx(0.01)
 
 
 def test_resnet18_memorises_the_sample(imagenet_sample_folder, tmp_path):
   """The paper's ImageNet pipeline and loop at a 32-pixel crop (a CPU budget; the 112-pixel run is in the
   closing note of the ImageNet issue): 60 steps cut the training loss by >= 30%."""
-  config = _config(imagenet_sample_folder, tmp_path / 'cache', image_size=32, scale_min=36, scale_max=68,
-                   eval_resize=36)
+  config = _config(
+    imagenet_sample_folder,
+    tmp_path / 'cache',
+    image_size=32,
+    scale_min=36,
+    scale_max=68,
+    eval_resize=36,
+  )
   config.model.depth = 18
-  config.train.update(batch_size=16, eval_batch_size=64, num_steps=60, log_every_steps=10, eval_every_steps=60,
-                      checkpoint_every_steps=60, bn_stats_images=32)
-  one_device = parallel.make_mesh(jax.devices()[:1])  # 8 fake devices on 2 cores cost more than they show
+  config.train.update(
+    batch_size=16,
+    eval_batch_size=64,
+    num_steps=60,
+    log_every_steps=10,
+    eval_every_steps=60,
+    checkpoint_every_steps=60,
+    bn_stats_images=32,
+  )
+  one_device = parallel.make_mesh(
+    jax.devices()[:1]
+  )  # 8 fake devices on 2 cores cost more than they show
   result = train.train_and_evaluate(config, str(tmp_path / 'run'), mesh=one_device)
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     losses = [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']

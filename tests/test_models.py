@@ -1,4 +1,5 @@
 """The networks against the paper's sizes and costs, and the properties its text states."""
+
 import functools
 import re
 import time
@@ -10,8 +11,7 @@ import numpy as np
 import pytest
 from jax import ad_checkpoint
 
-from resnet_jax import defaults
-from resnet_jax import models, summary
+from resnet_jax import defaults, models, summary
 
 
 def model_config(family='cifar', depth=8, **overrides):
@@ -25,7 +25,9 @@ def param_shapes(config, size, batch=1):
   """Variables of the config's network from one traced forward pass (no compile), checking the logits' shape."""
   model = models.create(config.model)
   x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-  logits, variables = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
+  logits, variables = jax.eval_shape(
+    lambda x: model.init_with_output(jax.random.key(0), x, train=False), x
+  )
   assert logits.shape == (batch, config.model.num_classes) and logits.dtype == jnp.float32
   return variables
 
@@ -34,19 +36,37 @@ def n_params(tree):
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize('depth,expected', [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018),
-                                            (110, 1_727_962), (1202, 19_421_274)])
-def test_cifar_parameter_counts(depth, expected):  # ResNet-1202's shapes too, traced, never compiled
+@pytest.mark.parametrize(
+  'depth,expected',
+  [
+    (20, 269_722),
+    (32, 464_154),
+    (44, 658_586),
+    (56, 853_018),
+    (110, 1_727_962),
+    (1202, 19_421_274),
+  ],
+)
+def test_cifar_parameter_counts(
+  depth, expected
+):  # ResNet-1202's shapes too, traced, never compiled
   assert n_params(param_shapes(model_config('cifar', depth), 32, batch=2)['params']) == expected
 
 
-@pytest.mark.parametrize('depth,expected', [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
-                                            (101, 44_549_160), (152, 60_192_808)])
+@pytest.mark.parametrize(
+  'depth,expected',
+  [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032), (101, 44_549_160), (152, 60_192_808)],
+)
 def test_imagenet_parameter_counts_option_b(depth, expected):
-  assert n_params(param_shapes(model_config('imagenet', depth, shortcut='B'), 224, batch=2)['params']) == expected
+  assert (
+    n_params(param_shapes(model_config('imagenet', depth, shortcut='B'), 224, batch=2)['params'])
+    == expected
+  )
 
 
-@pytest.mark.parametrize('depth,gmacs', [(18, 1.814), (34, 3.664), (50, 3.858), (101, 7.570), (152, 11.282)])
+@pytest.mark.parametrize(
+  'depth,gmacs', [(18, 1.814), (34, 3.664), (50, 3.858), (101, 7.570), (152, 11.282)]
+)
 def test_imagenet_macs_within_one_percent(depth, gmacs):
   _, _, macs = summary.count(model_config('imagenet', depth, shortcut='B'))
   assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
@@ -82,7 +102,9 @@ def _block_with_center_taps(block_cls, option, **kw):
   """A stride-2 block whose conv kernels are non-zero only at the centre tap, in eval mode."""
   conv = functools.partial(nn.Conv, use_bias=False)
   norm = functools.partial(nn.BatchNorm, use_running_average=True)
-  block = block_cls(features=8, strides=2, residual=True, shortcut=option, conv=conv, norm=norm, **kw)
+  block = block_cls(
+    features=8, strides=2, residual=True, shortcut=option, conv=conv, norm=norm, **kw
+  )
   x = jnp.zeros((1, 8, 8, 4))
   variables = block.init(jax.random.key(0), x)
 
@@ -96,10 +118,16 @@ def _block_with_center_taps(block_cls, option, **kw):
   return block, {'params': params, 'batch_stats': variables['batch_stats']}
 
 
-@pytest.mark.parametrize('block_cls,option,kw', [
-    (models.BasicBlock, 'A', {}), (models.BasicBlock, 'B', {}),
-    (models.BottleneckBlock, 'B', {}), (models.BottleneckBlock, 'B', {'stride_on_3x3': True}),
-    (models.BottleneckBlock, 'A', {})])
+@pytest.mark.parametrize(
+  'block_cls,option,kw',
+  [
+    (models.BasicBlock, 'A', {}),
+    (models.BasicBlock, 'B', {}),
+    (models.BottleneckBlock, 'B', {}),
+    (models.BottleneckBlock, 'B', {'stride_on_3x3': True}),
+    (models.BottleneckBlock, 'A', {}),
+  ],
+)
 def test_stride_two_branches_are_aligned(block_cls, option, kw):
   """An impulse at an even pixel reaches the same output pixel through the conv branch and the shortcut."""
   block, variables = _block_with_center_taps(block_cls, option, **kw)
@@ -108,14 +136,17 @@ def test_stride_two_branches_are_aligned(block_cls, option, kw):
     x = jnp.zeros((1, 8, 8, 4)).at[0, pos[0], pos[1], 1].set(1.0)
     _, state = block.apply(variables, x, mutable=['intermediates'])
     shortcut = models.Shortcut(features, 2, option, block.conv, block.norm).apply(
-        {k: v['shortcut'] for k, v in variables.items() if 'shortcut' in v}, x)
+      {k: v['shortcut'] for k, v in variables.items() if 'shortcut' in v}, x
+    )
     branch = state['intermediates']['responses'][-1]
     conv_pixels = {tuple(p[1:3]) for p in np.argwhere(np.abs(np.asarray(branch)) > 1e-6)}
     short_pixels = {tuple(p[1:3]) for p in np.argwhere(np.abs(np.asarray(shortcut)) > 1e-6)}
     assert conv_pixels == short_pixels == {(pos[0] // 2, pos[1] // 2)}
 
 
-@pytest.mark.parametrize('family,depth,size,classes', [('cifar', 8, 32, 10), ('imagenet', 18, 64, 1000)])
+@pytest.mark.parametrize(
+  'family,depth,size,classes', [('cifar', 8, 32, 10), ('imagenet', 18, 64, 1000)]
+)
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_output_shapes_and_dtypes(family, depth, size, classes, dtype):
   model = models.create(model_config(family, depth, dtype=dtype).model)
@@ -132,11 +163,14 @@ def test_output_shapes_and_dtypes(family, depth, size, classes, dtype):
 @pytest.mark.parametrize('mode', ['fan_in', 'fan_out'])
 def test_he_init_std(mode):
   params = models.create(model_config('cifar', 8, init_mode=mode).model).init(
-      jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+    jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False
+  )['params']
   kernel = np.asarray(params['stage3_block1']['conv2']['kernel'])  # 3x3x64x64: 36,864 samples
   fan = 9 * (kernel.shape[2] if mode == 'fan_in' else kernel.shape[3])
   assert abs(kernel.std() / np.sqrt(2 / fan) - 1) < 0.05
-  stem = np.asarray(params['stage2_block1']['conv1']['kernel'])  # 3x3x16x32: fan-in and fan-out differ
+  stem = np.asarray(
+    params['stage2_block1']['conv1']['kernel']
+  )  # 3x3x16x32: fan-in and fan-out differ
   fan = 9 * (stem.shape[2] if mode == 'fan_in' else stem.shape[3])
   assert abs(stem.std() / np.sqrt(2 / fan) - 1) < 0.05
 
@@ -148,27 +182,39 @@ def test_zero_init_last_bn_scale():
   assert np.all(np.asarray(params['stage1_block1']['bn1']['scale']) == 1)
 
 
-@pytest.mark.parametrize('family,depth,size,expected', [('cifar', 20, 32, 18), ('imagenet', 50, 64, 16)])
+@pytest.mark.parametrize(
+  'family,depth,size,expected', [('cifar', 20, 32, 18), ('imagenet', 50, 64, 16)]
+)
 def test_sown_3x3_responses(family, depth, size, expected):
   model = models.create(model_config(family, depth).model)
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  _, state = jax.eval_shape(lambda v: model.apply(v, x, train=False, mutable=['intermediates']), variables)
+  _, state = jax.eval_shape(
+    lambda v: model.apply(v, x, train=False, mutable=['intermediates']), variables
+  )
   responses = [r for block in state['intermediates'].values() for r in block['responses']]
   assert len(responses) == expected
   if family == 'cifar':  # 2n layers on each of the 32/16/8 maps with 16/32/64 filters
     n = (depth - 2) // 6
-    assert [r.shape for r in responses] == [(2, 32 // 2**i, 32 // 2**i, 16 * 2**i) for i in range(3) for _ in range(2 * n)]
+    assert [r.shape for r in responses] == [
+      (2, 32 // 2**i, 32 // 2**i, 16 * 2**i) for i in range(3) for _ in range(2 * n)
+    ]
 
 
-@pytest.mark.parametrize('overrides,message', [
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
     (dict(family='cifar', depth=21), 'CIFAR ResNet depth must be 6n+2, got 21'),
     (dict(family='cifar', depth=2), 'CIFAR ResNet depth must be 6n+2, got 2'),
-    (dict(family='imagenet', depth=42), 'ImageNet ResNet depth must be one of [18, 34, 50, 101, 152], got 42'),
+    (
+      dict(family='imagenet', depth=42),
+      'ImageNet ResNet depth must be one of [18, 34, 50, 101, 152], got 42',
+    ),
     (dict(family='cifar', shortcut='D'), "Unknown shortcut option 'D'"),
     (dict(family='mnist'), "Unknown model family 'mnist'"),
     (dict(scan_blocks=None), 'model.scan_blocks must be True or False, got None'),
-])
+  ],
+)
 def test_invalid_requests_fail_with_one_sentence(overrides, message):
   config = defaults.get_config()
   config.model.update(overrides)
@@ -178,18 +224,34 @@ def test_invalid_requests_fail_with_one_sentence(overrides, message):
 
 
 def test_summary_cli(tmp_path):
-  import json, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  from conftest import REPO  # pylint: disable=g-import-not-at-top
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'resnet_jax.summary', '--config=configs/cifar10_20.py', *a],
-                                  cwd=REPO, capture_output=True, text=True, check=True).stdout
-  assert json.loads(run('--json')) == {'model': 'cifar10_20', 'params': 269_722, 'macs': summary.count(
-      defaults.get_config())[2]}
+  import json
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  run = lambda *a: (
+    subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.summary', '--config=configs/cifar10_20.py', *a],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout
+  )
+  assert json.loads(run('--json')) == {
+    'model': 'cifar10_20',
+    'params': 269_722,
+    'macs': summary.count(defaults.get_config())[2],
+  }
   overview = run()
   assert 'stage3_block3/conv2/kernel' in overview and overview.strip().splitlines()[-1].startswith(
-      'cifar10_20: 269,722 trainable parameters')
+    'cifar10_20: 269,722 trainable parameters'
+  )
 
 
 # Rematerialisation and scanned blocks (issue 6).
+
 
 def _train_step(config, params, batch_stats, batch=4):
   """Loss, gradients and everything a train-mode forward pass writes: logits, batch_stats, sown collections."""
@@ -198,8 +260,12 @@ def _train_step(config, params, batch_stats, batch=4):
   labels = jnp.arange(batch) % config.model.num_classes
 
   def loss_fn(params):
-    logits, state = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                                mutable=['batch_stats', 'bn_moments', 'intermediates'])
+    logits, state = model.apply(
+      {'params': params, 'batch_stats': batch_stats},
+      x,
+      train=True,
+      mutable=['batch_stats', 'bn_moments', 'intermediates'],
+    )
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
     return loss, (logits, state)
 
@@ -231,7 +297,9 @@ def _unscanned_step(depth, **overrides):
 
 def _assert_trees_close(actual, expected, rtol, atol):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=rtol, atol=atol), actual, expected)
+  jax.tree.map(
+    lambda a, e: np.testing.assert_allclose(a, e, rtol=rtol, atol=atol), actual, expected
+  )
 
 
 def test_remat_keeps_the_parameter_tree():  # checkpoints load across the switch
@@ -246,12 +314,14 @@ def test_remat_keeps_the_parameter_tree():  # checkpoints load across the switch
 def test_remat_saves_only_the_blocks_inputs(capsys):
   """What JAX keeps for the backward pass. XLA:CPU drops remat's barriers and keeps every activation anyway
   unless the blocks are scanned: a ResNet-110 step at batch 128 takes 2.0 GiB of temporaries, 0.4 scanned."""
+
   def saved_activations(**overrides):
     model = models.create(model_config('cifar', 20, **overrides).model)
     variables = _random_variables(param_shapes(model_config('cifar', 20), 32))
     x = jnp.zeros((4, 32, 32, 3))
-    loss = lambda p: model.apply({'params': p, 'batch_stats': variables['batch_stats']}, x, train=True,
-                                 mutable=['batch_stats'])[0].sum()
+    loss = lambda p: model.apply(
+      {'params': p, 'batch_stats': variables['batch_stats']}, x, train=True, mutable=['batch_stats']
+    )[0].sum()
     ad_checkpoint.print_saved_residuals(loss, variables['params'])
     return sum(line.startswith('f32[4,') for line in capsys.readouterr().out.splitlines())
 
@@ -263,7 +333,9 @@ def test_remat_gives_the_same_loss_and_gradients(depth):
   variables, expected = _unscanned_step(depth)
   config = model_config('cifar', depth, remat=True)
   actual = _train_step(config, variables['params'], variables['batch_stats'])
-  _assert_trees_close(actual, expected, rtol=1e-6, atol=1e-7)  # the same arithmetic: equal in practice
+  _assert_trees_close(
+    actual, expected, rtol=1e-6, atol=1e-7
+  )  # the same arithmetic: equal in practice
 
 
 @pytest.mark.parametrize('overrides', [{}, dict(residual=False, bn_group_size=2, remat=True)])
@@ -273,25 +345,33 @@ def test_scanned_blocks_match_the_unscanned_net(overrides):
   variables, expected = _unscanned_step(20, **reference)
   params, batch_stats = (models.stack_blocks(variables[k]) for k in ('params', 'batch_stats'))
   config = model_config('cifar', 20, scan_blocks=True, **overrides)
-  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, param_shapes(config, 32)['params'])
+  assert jax.tree.map(np.shape, params) == jax.tree.map(
+    np.shape, param_shapes(config, 32)['params']
+  )
   actual = _train_step(config, params, batch_stats)
   assert 'stage2_block2to3' in actual['grads'] and 'stage2_block2' not in actual['grads']
   # Every collection, sown ones included, comes back stacked over the scanned blocks.
-  actual = {k: x if k in ('loss', 'logits') else models.unstack_blocks(x) for k, x in actual.items()}
-  _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5)  # another program: other float32 rounding
+  actual = {
+    k: x if k in ('loss', 'logits') else models.unstack_blocks(x) for k, x in actual.items()
+  }
+  _assert_trees_close(
+    actual, expected, rtol=1e-5, atol=1e-5
+  )  # another program: other float32 rounding
   assert models.unstack_blocks(params).keys() == variables['params'].keys()
 
 
 def test_resnet1202_scanned_train_step_compiles_in_flat_time(record_property):
   """ResNet-1202 (200 blocks a stage) lowers to ResNet-110's program but for loop counts and axis sizes."""
+
   def lower(depth):
     model = models.create(model_config('cifar', depth, remat=True, scan_blocks=True).model)
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
 
     def loss_fn(params, batch_stats, x):
-      logits, state = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                                  mutable=['batch_stats'])
+      logits, state = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+      )
       return jax.nn.log_softmax(logits)[:, 0].mean(), state['batch_stats']
 
     step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -316,10 +396,18 @@ def test_summary_counts_do_not_change_with_scanned_blocks(family, depth):
 
 def test_bn_stats_recompute_under_scanned_blocks():
   """bn_stats maps each stacked 'bn_moments' entry to the stacked batch_stats of the same blocks."""
-  from resnet_jax import bn_stats, parallel  # pylint: disable=g-import-not-at-top
+  from resnet_jax import bn_stats, parallel
+
   def net(scan):
-    return models.ResNet(stage_sizes=(1, 3), widths=(4, 8), block=models.BasicBlock, stem='cifar',
-                         num_classes=3, bn_axis_name=parallel.AXIS, scan_blocks=scan)
+    return models.ResNet(
+      stage_sizes=(1, 3),
+      widths=(4, 8),
+      block=models.BasicBlock,
+      stem='cifar',
+      num_classes=3,
+      bn_axis_name=parallel.AXIS,
+      scan_blocks=scan,
+    )
 
   rng = np.random.default_rng(0)
   batches = [rng.normal(size=(8, 8, 8, 3)).astype(np.float32) + i for i in range(2)]
@@ -327,7 +415,9 @@ def test_bn_stats_recompute_under_scanned_blocks():
   variables = _random_variables(shapes)
   mesh = parallel.make_mesh(jax.devices()[:4])
   placed = [parallel.to_global({'image': b}, mesh) for b in batches]
-  expected = bn_stats.recompute(net(False), variables['params'], variables['batch_stats'], placed, mesh)
+  expected = bn_stats.recompute(
+    net(False), variables['params'], variables['batch_stats'], placed, mesh
+  )
   stacked = [models.stack_blocks(variables[k]) for k in ('params', 'batch_stats')]
   actual = bn_stats.recompute(net(True), *stacked, placed, mesh)
   assert actual['stage2_block2to3']['bn1']['mean'].shape == (2, 8)

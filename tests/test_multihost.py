@@ -3,6 +3,7 @@
 The processes run the real CLI (`resnet_jax.main` with --coordinator_address, --num_processes, --process_id);
 TensorFlow is kept out of them, as on the lent GPU machines, since importing it would cost each one seconds.
 """
+
 import json
 import os
 import re
@@ -14,14 +15,16 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 from conftest import REPO
 from helpers import as_flags, checkpoint_steps, small_run
+
 from resnet_jax import models, optim, parallel, train, writers
 
 TIMEOUT = 300  # seconds for both processes together; both are killed past it or when either fails
-_MAIN = ("import runpy, sys; sys.modules['tensorflow'] = None; sys.argv[0] = 'resnet_jax.main'; "
-         "runpy.run_module('resnet_jax.main', run_name='__main__')")  # python -m resnet_jax.main, without TF
+_MAIN = (
+  "import runpy, sys; sys.modules['tensorflow'] = None; sys.argv[0] = 'resnet_jax.main'; "
+  "runpy.run_module('resnet_jax.main', run_name='__main__')"
+)  # python -m resnet_jax.main, without TF
 
 
 def free_port():
@@ -31,13 +34,25 @@ def free_port():
 
 
 def start(workdir, config, address, process_id, log):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu',
-         'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',  # today's default, named so that it stays
-         'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir or '',  # conftest's cache
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
-  cmd = [sys.executable, '-c', _MAIN, '--config=configs/cifar10_20.py', f'--workdir={workdir}',
-         *as_flags(config), f'--coordinator_address={address}', '--num_processes=2',
-         f'--process_id={process_id}']
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+    'JAX_PLATFORMS': 'cpu',
+    'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',  # today's default, named so that it stays
+    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir or '',  # conftest's cache
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5',
+  }
+  cmd = [
+    sys.executable,
+    '-c',
+    _MAIN,
+    '--config=configs/cifar10_20.py',
+    f'--workdir={workdir}',
+    *as_flags(config),
+    f'--coordinator_address={address}',
+    '--num_processes=2',
+    f'--process_id={process_id}',
+  ]
   with open(log, 'w') as f:  # a file, not a pipe, which a chatty process could fill and block on
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=f)
 
@@ -67,12 +82,14 @@ def train_two_processes(workdir, config, tries=2):
     if not any(codes):
       return run, logs
     failed = [log for code, log in zip(codes, logs) if code]
-    if attempt == tries - 1 or not any('Gloo context initialization failed' in log for log in failed):
+    if attempt == tries - 1 or not any(
+      'Gloo context initialization failed' in log for log in failed
+    ):
       raise AssertionError(f'a process failed ({codes}):\n{not_info(failed[0])[-4000:]}')
 
 
 def not_info(log):
-  return '\n'.join(l for l in log.splitlines() if not re.match(r'I\d{4} ', l))
+  return '\n'.join(line for line in log.splitlines() if not re.match(r'I\d{4} ', line))
 
 
 def kill(procs):
@@ -100,10 +117,14 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, monkeypatch
   assert checkpoint_steps(multi) == checkpoint_steps(single) == [2, 4]
   results = json.loads((multi / 'results.json').read_text())
   assert results['process_count'] == 2 and results['device_count'] == 4
-  rows = [json.loads(l) for l in (multi / 'metrics.jsonl').read_text().splitlines()]
-  assert [(r['step'], r['split']) for r in rows] == [(2, 'train'), (4, 'train'), (4, 'test')]  # no doubles
+  rows = [json.loads(line) for line in (multi / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['split']) for r in rows] == [
+    (2, 'train'),
+    (4, 'train'),
+    (4, 'test'),
+  ]  # no doubles
   assert '[4] test' in stderr_0 and '[4] test' not in stderr_1  # process 1 logs no metrics either
-  single_rows = [json.loads(l) for l in (single / 'metrics.jsonl').read_text().splitlines()]
+  single_rows = [json.loads(line) for line in (single / 'metrics.jsonl').read_text().splitlines()]
   for a, b in zip(rows, single_rows):
     np.testing.assert_allclose([a['loss'], a['error']], [b['loss'], b['error']], rtol=1e-4)
 
@@ -116,12 +137,19 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, monkeypatch
   a, b = saved_state(multi, 4), saved_state(single, 4)
   assert int(a['step']) == 4 and jax.tree.structure(a) == jax.tree.structure(b)
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
-  init = jax.device_get(train.create_train_state(config, model, optim.create(config.optimizer),
-                                                 jax.random.key(config.seed)))
-  for name, x, y, x0 in (('params', a['params'], b['params'], init.params),
-                         ('batch_stats', a['batch_stats'], b['batch_stats'], init.batch_stats),
-                         ('momentum', a['opt_state'], b['opt_state'], init.opt_state)):
-    x, y, x0 = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(t) if np.asarray(v).dtype == np.float32])
-                for t in (x, y, x0))
+  init = jax.device_get(
+    train.create_train_state(
+      config, model, optim.create(config.optimizer), jax.random.key(config.seed)
+    )
+  )
+  for name, x, y, x0 in (
+    ('params', a['params'], b['params'], init.params),
+    ('batch_stats', a['batch_stats'], b['batch_stats'], init.batch_stats),
+    ('momentum', a['opt_state'], b['opt_state'], init.opt_state),
+  ):
+    x, y, x0 = (
+      np.concatenate([np.ravel(v) for v in jax.tree.leaves(t) if np.asarray(v).dtype == np.float32])
+      for t in (x, y, x0)
+    )
     moved = np.linalg.norm(y - x0)
     assert moved > 0 and np.linalg.norm(x - y) < 0.02 * moved, (name, np.linalg.norm(x - y) / moved)

@@ -1,8 +1,8 @@
 """experiments/colab.ipynb runs top to bottom in quick mode: the notebook stays in step with the library."""
+
 import jax
 import nbclient
 import nbformat
-
 from conftest import REPO, SHARED_DATA
 
 NOTEBOOK = REPO / 'experiments' / 'colab.ipynb'
@@ -10,9 +10,13 @@ NOTEBOOK = REPO / 'experiments' / 'colab.ipynb'
 
 def test_colab_notebook_runs_in_quick_mode(request, tmp_path, monkeypatch):
   """The kernel inherits this environment: 8 fake CPU devices, quick mode, the session's CIFAR cache."""
-  if (SHARED_DATA / 'cifar10-jpg.tar.gz').exists():  # the decoded cache is shared with the other real-data tests
+  if (
+    SHARED_DATA / 'cifar10-jpg.tar.gz'
+  ).exists():  # the decoded cache is shared with the other real-data tests
     monkeypatch.setenv('RESNET_JAX_NOTEBOOK_DATA', str(request.getfixturevalue('cifar_folder')))
-    monkeypatch.setenv('RESNET_JAX_NOTEBOOK_CACHE_DIR', str(request.getfixturevalue('cifar_cache_dir')))
+    monkeypatch.setenv(
+      'RESNET_JAX_NOTEBOOK_CACHE_DIR', str(request.getfixturevalue('cifar_cache_dir'))
+    )
   else:  # not skipped: the notebook must also run where only synthetic data exists
     monkeypatch.setenv('RESNET_JAX_NOTEBOOK_DATA', 'synthetic')
   monkeypatch.setenv('RESNET_JAX_NOTEBOOK_QUICK', '1')
@@ -20,13 +24,24 @@ def test_colab_notebook_runs_in_quick_mode(request, tmp_path, monkeypatch):
   # conftest's persistent compilation cache. Quick mode's steps (ResNet-8 and plain-8, batch 32, eval batch 64)
   # are helpers.small_run's, so the earlier tests have compiled them, and the resumed run reuses the first run's.
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir)
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
-                     str(jax.config.jax_persistent_cache_min_compile_time_secs))
+  monkeypatch.setenv(
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+    str(jax.config.jax_persistent_cache_min_compile_time_secs),
+  )
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  assert all(not c.get('outputs') and not c.get('execution_count') for c in notebook.cells
-             if c.cell_type == 'code'), 'commit the notebook with its outputs cleared'
-  client = nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3',
-                                   resources={'metadata': {'path': str(NOTEBOOK.parent)}})
+  assert all(
+    not c.get('outputs') and not c.get('execution_count')
+    for c in notebook.cells
+    if c.cell_type == 'code'
+  ), 'commit the notebook with its outputs cleared'
+  client = nbclient.NotebookClient(
+    notebook,
+    timeout=300,
+    kernel_name='python3',
+    resources={'metadata': {'path': str(NOTEBOOK.parent)}},
+  )
   client.execute()  # raises CellExecutionError naming the cell and its traceback
-  printed = ''.join(o.get('text', '') for c in notebook.cells if c.cell_type == 'code' for o in c.outputs)
+  printed = ''.join(
+    o.get('text', '') for c in notebook.cells if c.cell_type == 'code' for o in c.outputs
+  )
   assert 'resumed at step 30, stopped at step 40' in printed

@@ -1,13 +1,14 @@
 """The on-device CIFAR batches against the host path (in_memory.train_batch), on 8 fake devices."""
+
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import REPO
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
 from resnet_jax import parallel
 from resnet_jax.data import in_memory, on_device
 
@@ -24,22 +25,35 @@ def dataset(n, labels=None, seed=0):
 
 def device_batches(ds, xs, mesh):
   """on_device.batch on each device for every step of `xs` (numpy [batch, k]) -> numpy [k, batch, ...]."""
+
   def per_device(data, xs):
     steps = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)  # [k, b]: one step's share a row
     return jax.lax.map(lambda x: on_device.batch(data, x), steps)
-  fn = parallel.map_step(per_device, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(None, parallel.AXIS))
+
+  fn = parallel.map_step(
+    per_device, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(None, parallel.AXIS)
+  )
   return jax.device_get(fn(on_device.put(ds, mesh), parallel.to_global(xs, mesh)))
 
 
 def test_equals_the_host_path_across_an_epoch_boundary():
-  ds, batch_size, first, k = dataset(100), 16, 4, 6  # 6 steps an epoch: steps 4..9 cross into epoch 1
-  out = device_batches(ds, on_device.step_arrays(100, first, k, batch_size, SEED), parallel.make_mesh())
+  ds, batch_size, first, k = (
+    dataset(100),
+    16,
+    4,
+    6,
+  )  # 6 steps an epoch: steps 4..9 cross into epoch 1
+  out = device_batches(
+    ds, on_device.step_arrays(100, first, k, batch_size, SEED), parallel.make_mesh()
+  )
   assert out['image'].dtype == np.float32 and out['label'].dtype == np.int32
   for j in range(k):
     host = in_memory.train_batch(ds, first + j, batch_size, SEED)
     np.testing.assert_array_equal(out['image'][j], host['image'])  # bit-identical, not only close
     np.testing.assert_array_equal(out['label'][j], host['label'])
-  assert (out['image'] == 0).mean() > 0.05  # the zero padding does show, so the crops were exercised
+  assert (
+    out['image'] == 0
+  ).mean() > 0.05  # the zero padding does show, so the crops were exercised
 
 
 def test_process_shares_equal_the_host_path():
@@ -54,8 +68,8 @@ def test_process_shares_equal_the_host_path():
   for j in range(k):
     for p in range(2):
       host = in_memory.train_batch(ds, first + j, batch_size, SEED, p, 2)
-      np.testing.assert_array_equal(out['image'][j, p * 8:(p + 1) * 8], host['image'])
-      np.testing.assert_array_equal(out['label'][j, p * 8:(p + 1) * 8], host['label'])
+      np.testing.assert_array_equal(out['image'][j, p * 8 : (p + 1) * 8], host['image'])
+      np.testing.assert_array_equal(out['label'][j, p * 8 : (p + 1) * 8], host['label'])
 
 
 def test_every_image_exactly_once_per_epoch():
@@ -86,5 +100,7 @@ out = fn(on_device.put(ds, mesh), parallel.to_global(on_device.step_arrays(8, 0,
 assert out['image'].shape == (8, 32, 32, 3)
 assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'
 """
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-2000:]

@@ -1,4 +1,5 @@
 """Long preemptible runs: kill and resume, signals, damaged checkpoints, divergence, wrong workdirs, bad input."""
+
 import hashlib
 import json
 import pathlib
@@ -11,14 +12,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO
+from helpers import (
+  as_flags,
+  assert_same_checkpoints,
+  checkpoint_steps,
+  final_params,
+  run_cli,
+  small_run,
+)
 from PIL import Image
 
-from conftest import REPO
-from helpers import as_flags, assert_same_checkpoints, checkpoint_steps, final_params, run_cli, small_run
 from resnet_jax import checkpointing, train
 
-LONG = dict(train__num_steps=24, train__checkpoint_every_steps=4, train__log_every_steps=1,
-            train__eval_every_steps=24)  # long enough that a signal sent at step 5 or 6 lands well before the end
+LONG = dict(
+  train__num_steps=24,
+  train__checkpoint_every_steps=4,
+  train__log_every_steps=1,
+  train__eval_every_steps=24,
+)  # long enough that a signal sent at step 5 or 6 lands well before the end
 
 
 @pytest.fixture(scope='module')
@@ -30,9 +42,17 @@ def straight(tmp_path_factory):
 
 
 def start_cli(workdir, config):
-  cmd = [sys.executable, '-m', 'resnet_jax.main', '--config=configs/cifar10_20.py', f'--workdir={workdir}',
-         *as_flags(config)]
-  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  cmd = [
+    sys.executable,
+    '-m',
+    'resnet_jax.main',
+    '--config=configs/cifar10_20.py',
+    f'--workdir={workdir}',
+    *as_flags(config),
+  ]
+  return subprocess.Popen(
+    cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
 
 
 def wait_for_step(workdir, step, proc, timeout=300):
@@ -41,7 +61,7 @@ def wait_for_step(workdir, step, proc, timeout=300):
   while time.time() - start < timeout:
     assert proc.poll() is None, proc.stderr.read()[-2000:]
     if path.exists():
-      rows = [json.loads(l) for l in path.read_text().splitlines() if l.endswith('}')]
+      rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith('}')]
       if any(r['split'] == 'train' and r['step'] >= step for r in rows):
         return
     time.sleep(0.02)
@@ -51,8 +71,10 @@ def wait_for_step(workdir, step, proc, timeout=300):
 def test_half_then_a_new_process_is_bit_identical(tmp_path, straight):
   train.train_and_evaluate(small_run(**{**LONG, 'train__num_steps': 8}), str(tmp_path))
   run_cli(tmp_path, *as_flags(small_run(**LONG)))  # the same config, in a new process, from step 8
-  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in rows if r['split'] == 'train'] == list(range(1, LONG['train__num_steps'] + 1))
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if r['split'] == 'train'] == list(
+    range(1, LONG['train__num_steps'] + 1)
+  )
   assert_same_checkpoints(straight, tmp_path)
 
 
@@ -63,7 +85,9 @@ def test_sigkill_then_same_command_is_bit_identical(tmp_path, straight):
   proc.kill()
   proc.wait()
   assert not (tmp_path / 'results.json').exists()
-  killed_at = max(json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines())
+  killed_at = max(
+    json.loads(line)['step'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  )
   assert killed_at < LONG['train__num_steps']
   run_cli(tmp_path, *as_flags(config))
   assert_same_checkpoints(straight, tmp_path)
@@ -78,7 +102,9 @@ def test_signal_saves_the_current_step_and_restart_continues(tmp_path, straight,
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + sig, err[-2000:]
   stopped = int(err.split('stopped by a signal after step ')[1].split(';')[0])
-  assert 5 <= stopped < LONG['train__num_steps'] and checkpoint_steps(tmp_path)[-1] == stopped  # not only the periodic ones
+  assert (
+    5 <= stopped < LONG['train__num_steps'] and checkpoint_steps(tmp_path)[-1] == stopped
+  )  # not only the periodic ones
   assert 'rerun the same command to continue' in err.strip().splitlines()[-1]
   if sig == signal.SIGTERM:
     run_cli(tmp_path, *as_flags(config))
@@ -105,14 +131,16 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path
   train.train_and_evaluate(small_run(**LONG), str(tmp_path))
   corrupt = list((tmp_path / 'checkpoints' / 'corrupt').iterdir())
   assert [p.name.split('-')[0] for p in corrupt] == ['12']  # kept, not deleted
-  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if r['split'] == 'train'][12:14] == [9, 10]  # resumed from step 8
   assert_same_checkpoints(straight, tmp_path)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_writes_no_nan_checkpoint(tmp_path):
   config = small_run(train__num_steps=10, train__checkpoint_every_steps=1, train__log_every_steps=1)
-  config.optimizer.learning_rate = 1e38  # the first update is finite but huge; the next forward pass is not
+  config.optimizer.learning_rate = (
+    1e38  # the first update is finite but huge; the next forward pass is not
+  )
   with pytest.raises(train.Diverged) as err:
     train.train_and_evaluate(config, str(tmp_path))
   message = str(err.value)
@@ -130,14 +158,18 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results['nonfinite_steps'] > 0
   _, state = final_params(tmp_path)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state['params'], state['batch_stats'])))
-  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert all(
+    np.all(np.isfinite(x)) for x in jax.tree.leaves((state['params'], state['batch_stats']))
+  )
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert rows[-2]['skipped_steps'] == results['nonfinite_steps']
 
 
 def _snapshot(path):
-  return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-          for p in sorted(path.rglob('*'))}
+  return {
+    str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    for p in sorted(path.rglob('*'))
+  }
 
 
 def test_workdir_of_another_network_is_refused_untouched(tmp_path):
@@ -156,7 +188,9 @@ def test_same_seed_same_metrics(tmp_path):
   runs = []
   for name in ('a', 'b'):
     train.train_and_evaluate(small_run(), str(tmp_path / name))
-    rows = [json.loads(l) for l in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
+    rows = [
+      json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()
+    ]
     runs.append([{k: v for k, v in r.items() if k not in timing} for r in rows])
   assert runs[0] == runs[1] and len(runs[0]) == 5
 
@@ -166,42 +200,103 @@ def _folder(root, corrupt=False, empty=False):
     (root / split / 'cat').mkdir(parents=True)
     if not empty:
       for i in range(3):
-        Image.fromarray(np.full((32, 32, 3), i * 40, np.uint8)).save(root / split / 'cat' / f'{i}.png')
+        Image.fromarray(np.full((32, 32, 3), i * 40, np.uint8)).save(
+          root / split / 'cat' / f'{i}.png'
+        )
   if corrupt:
     (root / 'train' / 'cat' / '1.png').write_bytes(b'not a png at all')
   return root
 
 
 BAD_INPUTS = [  # (id, flags, what the one line must say); {tmp} is the test's temporary directory
-    ('config file', ['--config=configs/nope.py'], 'the config file configs/nope.py does not exist'),
-    ('unknown field', ['--config.train.epochs=3'], '--config.train.epochs is not a field of the config'),
-    ('unknown section', ['--config.trainer.lr=3'], '--config.trainer.lr is not a field of the config'),
-    ('not a number', ['--config.train.num_steps=abc'], 'flag --config.train.num_steps=abc'),
-    ('negative lr', ['--config.optimizer.learning_rate=-0.1'], 'optimizer.learning_rate must be positive, got -0.1'),
-    ('zero lr', ['--config.optimizer.learning_rate=0'], 'optimizer.learning_rate must be positive, got 0'),
-    ('momentum', ['--config.optimizer.momentum=1.5'], 'optimizer.momentum must be in [0, 1), got 1.5'),
-    ('momentum style', ['--config.optimizer.momentum_style=nesterov'], "momentum_style must be 'caffe', 'pytorch' or 'dampened'"),
-    ('batch vs devices', ['--config.train.batch_size=100'], 'train.batch_size=100 is not divisible by the 8 devices'),
-    ('num_steps 0', ['--config.train.num_steps=0'], 'train.num_steps must be a positive integer, got 0'),
-    ('depth', ['--config.model.depth=21'], 'CIFAR ResNet depth must be 6n+2, got 21'),
-    ('shortcut', ['--config.model.shortcut=D'], "Unknown shortcut option 'D'"),
-    ('source', ['--config.data.source=ftp'], "data.source must be one of ('tfds', 'image_folder', 'synthetic')"),
-    ('dataset', ['--config.data.name=mnist'], "data.name must be one of ('cifar10', 'imagenet2012'), got 'mnist'"),
-    ('missing folder', ['--config.data.source=image_folder', '--config.data.image_folder={tmp}/nowhere'],
-     'data.image_folder={tmp}/nowhere does not exist'),
-    ('empty folder', ['--config.data.source=image_folder', '--config.data.image_folder={tmp}/empty'],
-     '{tmp}/empty/train holds no class folders with images'),
-    ('unreadable image', ['--config.data.source=image_folder', '--config.data.image_folder={tmp}/corrupt',
-                          '--config.train.batch_size=8', '--config.data.cache_dir={tmp}/cache'],
-     'cannot decode image {tmp}/corrupt/train/cat/1.png'),
-    ('workdir under a file', ['--workdir={tmp}/file/run'], 'cannot create the workdir {tmp}/file/run'),
-    ('workdir is a file', ['--workdir={tmp}/file'], 'the workdir {tmp}/file is a file'),
-    ('offline tfds', ['--config.data.data_dir={tmp}/tfds'], 'CIFAR-10 is not in {tmp}/tfds'),
-    ('stray argument', ['extra'], "unexpected arguments ['extra']"),
+  ('config file', ['--config=configs/nope.py'], 'the config file configs/nope.py does not exist'),
+  (
+    'unknown field',
+    ['--config.train.epochs=3'],
+    '--config.train.epochs is not a field of the config',
+  ),
+  (
+    'unknown section',
+    ['--config.trainer.lr=3'],
+    '--config.trainer.lr is not a field of the config',
+  ),
+  ('not a number', ['--config.train.num_steps=abc'], 'flag --config.train.num_steps=abc'),
+  (
+    'negative lr',
+    ['--config.optimizer.learning_rate=-0.1'],
+    'optimizer.learning_rate must be positive, got -0.1',
+  ),
+  (
+    'zero lr',
+    ['--config.optimizer.learning_rate=0'],
+    'optimizer.learning_rate must be positive, got 0',
+  ),
+  (
+    'momentum',
+    ['--config.optimizer.momentum=1.5'],
+    'optimizer.momentum must be in [0, 1), got 1.5',
+  ),
+  (
+    'momentum style',
+    ['--config.optimizer.momentum_style=nesterov'],
+    "momentum_style must be 'caffe', 'pytorch' or 'dampened'",
+  ),
+  (
+    'batch vs devices',
+    ['--config.train.batch_size=100'],
+    'train.batch_size=100 is not divisible by the 8 devices',
+  ),
+  (
+    'num_steps 0',
+    ['--config.train.num_steps=0'],
+    'train.num_steps must be a positive integer, got 0',
+  ),
+  ('depth', ['--config.model.depth=21'], 'CIFAR ResNet depth must be 6n+2, got 21'),
+  ('shortcut', ['--config.model.shortcut=D'], "Unknown shortcut option 'D'"),
+  (
+    'source',
+    ['--config.data.source=ftp'],
+    "data.source must be one of ('tfds', 'image_folder', 'synthetic')",
+  ),
+  (
+    'dataset',
+    ['--config.data.name=mnist'],
+    "data.name must be one of ('cifar10', 'imagenet2012'), got 'mnist'",
+  ),
+  (
+    'missing folder',
+    ['--config.data.source=image_folder', '--config.data.image_folder={tmp}/nowhere'],
+    'data.image_folder={tmp}/nowhere does not exist',
+  ),
+  (
+    'empty folder',
+    ['--config.data.source=image_folder', '--config.data.image_folder={tmp}/empty'],
+    '{tmp}/empty/train holds no class folders with images',
+  ),
+  (
+    'unreadable image',
+    [
+      '--config.data.source=image_folder',
+      '--config.data.image_folder={tmp}/corrupt',
+      '--config.train.batch_size=8',
+      '--config.data.cache_dir={tmp}/cache',
+    ],
+    'cannot decode image {tmp}/corrupt/train/cat/1.png',
+  ),
+  (
+    'workdir under a file',
+    ['--workdir={tmp}/file/run'],
+    'cannot create the workdir {tmp}/file/run',
+  ),
+  ('workdir is a file', ['--workdir={tmp}/file'], 'the workdir {tmp}/file is a file'),
+  ('offline tfds', ['--config.data.data_dir={tmp}/tfds'], 'CIFAR-10 is not in {tmp}/tfds'),
+  ('stray argument', ['extra'], "unexpected arguments ['extra']"),
 ]
 
 
-@pytest.mark.parametrize('flags,message', [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(
+  'flags,message', [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+)
 def test_bad_input_is_refused_in_one_line(tmp_path, flags, message):
   _folder(tmp_path / 'empty', empty=True)
   _folder(tmp_path / 'corrupt', corrupt=True)
@@ -210,15 +305,24 @@ def test_bad_input_is_refused_in_one_line(tmp_path, flags, message):
   flags = [f.format(tmp=tmp_path) for f in flags]
   config = next((f for f in flags if f.startswith('--config=')), '--config=configs/cifar10_20.py')
   workdir = next((f for f in flags if f.startswith('--workdir=')), f'--workdir={tmp_path}/run')
-  cmd = [sys.executable, '-m', 'resnet_jax.main', config, workdir,
-         *[f for f in flags if not f.startswith(('--config=', '--workdir='))]]
+  cmd = [
+    sys.executable,
+    '-m',
+    'resnet_jax.main',
+    config,
+    workdir,
+    *[f for f in flags if not f.startswith(('--config=', '--workdir='))],
+  ]
   start = time.time()
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   seconds = time.time() - start
   last = result.stderr.strip().splitlines()[-1]
-  assert result.returncode == 2 and seconds < 30, (result.returncode, seconds, result.stderr[-1500:])
+  assert result.returncode == 2 and seconds < 30, (
+    result.returncode,
+    seconds,
+    result.stderr[-1500:],
+  )
   assert last.startswith('error: ') and message.format(tmp=tmp_path) in last, last
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   print(f'{seconds:5.1f}s  {last}')  # the table for the closing note: pytest -s -k bad_input
-

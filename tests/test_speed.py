@@ -1,16 +1,17 @@
 """Speed machinery against the plain path: k steps per dispatch, bfloat16, float16 loss scaling."""
+
 import jax
 import numpy as np
+from test_train import random_batch, state_and_steps, tiny_config
 
 from resnet_jax import parallel, precision
-from test_train import random_batch, state_and_steps, tiny_config
 
 
 def _run(config, batches, mesh, k=1):
   state, (train_fn, _) = state_and_steps(config, mesh)
   metrics = []
   for i in range(0, len(batches), k):
-    group = batches[i:i + k]
+    group = batches[i : i + k]
     batch = group[0] if k == 1 else jax.tree.map(lambda *xs: np.stack(xs, axis=1), *group)
     state, m = train_fn(state, parallel.to_global(batch, mesh))
     metrics.append(m)
@@ -27,22 +28,35 @@ def test_steps_per_dispatch_equals_single_steps():
   four, m4 = _run(tiny_config(steps_per_dispatch=4), batches, mesh, k=4)
   assert int(one.step) == int(four.step) == 4
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves((one.params, one.batch_stats, one.opt_state)),
-                  jax.tree.leaves((four.params, four.batch_stats, four.opt_state))):
+  for a, b in zip(
+    jax.tree.leaves((one.params, one.batch_stats, one.opt_state)),
+    jax.tree.leaves((four.params, four.batch_stats, four.opt_state)),
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_stays_close_to_float32():
   mesh = parallel.make_mesh(jax.devices()[:1])
-  batches = [random_batch(32, seed % 2) for seed in range(10)]  # two batches, five times: the loss must fall
+  batches = [
+    random_batch(32, seed % 2) for seed in range(10)
+  ]  # two batches, five times: the loss must fall
   f32, m32 = _run(tiny_config(), batches, mesh)
   config = tiny_config()
   config.model.dtype = 'bfloat16'
   bf16, m16 = _run(config, batches, mesh)
-  assert all(x.dtype == np.float32 for x in jax.tree.leaves((bf16.params, bf16.opt_state)) if x.dtype.kind == 'f')
+  assert all(
+    x.dtype == np.float32
+    for x in jax.tree.leaves((bf16.params, bf16.opt_state))
+    if x.dtype.kind == 'f'
+  )
   assert abs(m16['loss'] - m32['loss']) < 0.05 * m32['loss'], (m16, m32)
-  kernels = [(p, q) for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(f32.params),
-                                             jax.tree.leaves(bf16.params)) if 'kernel' in str(path[-1])]
+  kernels = [
+    (p, q)
+    for (path, p), q in zip(
+      jax.tree_util.tree_leaves_with_path(f32.params), jax.tree.leaves(bf16.params)
+    )
+    if 'kernel' in str(path[-1])
+  ]
   rel = [np.linalg.norm(p - q) / np.linalg.norm(p) for p, q in kernels]
   assert len(kernels) > 5 and max(rel) < 0.03, max(rel)
 
@@ -53,7 +67,9 @@ def test_float16_loss_scaling_skips_overflows_and_counts_them():
   config.model.dtype = 'float16'
   state, (train_fn, _) = state_and_steps(config, mesh)
   assert float(state.loss_scale.scale) == precision.INITIAL_SCALE
-  state = state.replace(loss_scale=state.loss_scale.replace(scale=jax.numpy.float32(2.0**127)))  # will overflow
+  state = state.replace(
+    loss_scale=state.loss_scale.replace(scale=jax.numpy.float32(2.0**127))
+  )  # will overflow
   before = jax.device_get(state.params)
   state, _ = train_fn(state, parallel.to_global(random_batch(8), mesh))
   assert int(state.loss_scale.overflow_steps) == 1 and float(state.loss_scale.scale) == 2.0**126
@@ -65,21 +81,33 @@ def test_float16_loss_scaling_skips_overflows_and_counts_them():
     state, m = train_fn(state, parallel.to_global(random_batch(8, seed), mesh))
   assert int(state.loss_scale.overflow_steps) == 1 and float(state.loss_scale.scale) == 1024.0
   assert np.isfinite(float(m.compute()['loss']))
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(
-      state.params))))
+  moved = max(
+    float(np.abs(a - b).max())
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)))
+  )
   assert moved > 1e-4
 
 
 def test_on_device_data_with_steps_per_dispatch_trains_as_the_host_path(tmp_path):
   """The whole loop: on-device batches, 3 steps per call, equal to host batches one step at a time."""
-  from helpers import small_run  # pylint: disable=g-import-not-at-top
-  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+  from helpers import small_run
+
+  from resnet_jax import train
+
   mesh = parallel.make_mesh(jax.devices()[:2])
-  common = dict(train__num_steps=6, train__log_every_steps=3, train__eval_every_steps=6,
-                train__checkpoint_every_steps=6, data__prefetch=0)
+  common = dict(
+    train__num_steps=6,
+    train__log_every_steps=3,
+    train__eval_every_steps=6,
+    train__checkpoint_every_steps=6,
+    data__prefetch=0,
+  )
   host = train.train_and_evaluate(small_run(**common), str(tmp_path / 'host'), mesh)
-  device = train.train_and_evaluate(small_run(data__on_device=True, train__steps_per_dispatch=3, **common),
-                                    str(tmp_path / 'device'), mesh)
+  device = train.train_and_evaluate(
+    small_run(data__on_device=True, train__steps_per_dispatch=3, **common),
+    str(tmp_path / 'device'),
+    mesh,
+  )
   assert host['steps'] == device['steps'] == 6
   np.testing.assert_allclose(device['test_error'], host['test_error'], atol=1e-6)
   np.testing.assert_allclose(device['test_loss'], host['test_loss'], rtol=1e-5)

@@ -1,4 +1,5 @@
 """The training step and optimizer against independent computations: one device, NumPy loops."""
+
 import flax.linen
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import defaults
-from resnet_jax import models, optim, parallel, train
+from resnet_jax import defaults, models, optim, parallel, train
 
 
 def tiny_config(**train_overrides):
@@ -21,13 +21,17 @@ def state_and_steps(config, mesh):
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   tx = optim.create(config.optimizer)
   state = train.create_train_state(config, model, tx, jax.random.key(0))
-  return jax.device_put(state, parallel.replicated(mesh)), train.compile_steps(config, model, tx, mesh)
+  return jax.device_put(state, parallel.replicated(mesh)), train.compile_steps(
+    config, model, tx, mesh
+  )
 
 
 def random_batch(n, seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
-          'label': rng.integers(0, 10, size=n).astype(np.int32)}
+  return {
+    'image': rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+    'label': rng.integers(0, 10, size=n).astype(np.int32),
+  }
 
 
 def test_eight_devices_equal_one_device():
@@ -42,11 +46,20 @@ def test_eight_devices_equal_one_device():
     results.append((jax.device_get(state), jax.device_get(m.compute())))
   (one, m1), (eight, m8) = results
   np.testing.assert_allclose(m1['loss'], m8['loss'], atol=1e-5)
-  for a, b in zip(jax.tree.leaves((one.params, one.batch_stats)), jax.tree.leaves((eight.params, eight.batch_stats))):
+  for a, b in zip(
+    jax.tree.leaves((one.params, one.batch_stats)),
+    jax.tree.leaves((eight.params, eight.batch_stats)),
+  ):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(
-      jax.tree.leaves(one.params), jax.tree.leaves(jax.device_get(state_and_steps(config, parallel.make_mesh(
-          jax.devices()[:1]))[0].params))))
+  moved = max(
+    float(np.abs(a - b).max())
+    for a, b in zip(
+      jax.tree.leaves(one.params),
+      jax.tree.leaves(
+        jax.device_get(state_and_steps(config, parallel.make_mesh(jax.devices()[:1]))[0].params)
+      ),
+    )
+  )
   assert moved > 1e-3  # the comparison is not vacuous: the params did change
 
 
@@ -62,15 +75,26 @@ def test_sync_bn_uses_the_global_batch():
   mapped = parallel.map_step(apply, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P())
   stats = mapped(variables, parallel.to_global(batch, mesh))
   plain_model = models.create(config.model)
-  expected = plain_model.apply(variables, batch, train=True, mutable=['batch_stats'])[1]['batch_stats']
+  expected = plain_model.apply(variables, batch, train=True, mutable=['batch_stats'])[1][
+    'batch_stats'
+  ]
   np.testing.assert_allclose(stats['stem_bn']['mean'], expected['stem_bn']['mean'], atol=1e-5)
   np.testing.assert_allclose(stats['stem_bn']['var'], expected['stem_bn']['var'], rtol=1e-4)
 
 
 def test_schedule_at_every_boundary():
   opt = defaults.get_config().optimizer  # lr 0.1, /10 at 32k and 48k
-  for step, expected in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)]:
-    assert float(optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True))) == pytest.approx(expected)
+  for step, expected in [
+    (0, 0.1),
+    (31_999, 0.1),
+    (32_000, 0.01),
+    (47_999, 0.01),
+    (48_000, 0.001),
+    (63_999, 0.001),
+  ]:
+    assert float(optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True))) == pytest.approx(
+      expected
+    )
   opt.warmup_learning_rate = 0.01
   assert float(optim.learning_rate(opt, jnp.asarray(5), jnp.asarray(False))) == pytest.approx(0.01)
   assert not bool(optim.initial_warmup_done(opt))
@@ -80,7 +104,9 @@ def test_schedule_at_every_boundary():
 def test_warmup_rule():
   opt = defaults.get_config().optimizer
   opt.warmup_error, opt.warmup_max_steps = 0.8, 100
-  done = lambda step, error, d=False: bool(optim.warmup_done_after(opt, jnp.asarray(step), jnp.asarray(d), error))
+  done = lambda step, error, d=False: bool(
+    optim.warmup_done_after(opt, jnp.asarray(step), jnp.asarray(d), error)
+  )
   assert not done(0, 0.85)
   assert done(0, 0.79)
   assert done(99, 0.95)  # the cap
@@ -106,14 +132,20 @@ def test_momentum_styles_against_numpy_across_an_lr_drop(style):
   opt.update(momentum_style=style, boundaries=(3,), decay=0.1, weight_decay=1e-2, momentum=0.9)
   tx = optim.create(opt)
   rng = np.random.default_rng(0)
-  params = {'conv': {'kernel': rng.normal(size=(3, 3)).astype(np.float32)},
-            'bn': {'scale': rng.normal(size=(3,)).astype(np.float32)}}
+  params = {
+    'conv': {'kernel': rng.normal(size=(3, 3)).astype(np.float32)},
+    'bn': {'scale': rng.normal(size=(3,)).astype(np.float32)},
+  }
   state = tx.init(params)
-  w = {k: v.copy() for k, v in (('kernel', params['conv']['kernel']), ('scale', params['bn']['scale']))}
+  w = {
+    k: v.copy() for k, v in (('kernel', params['conv']['kernel']), ('scale', params['bn']['scale']))
+  }
   v = {k: np.zeros_like(x) for k, x in w.items()}
   for step in range(6):
-    grads = {'conv': {'kernel': rng.normal(size=(3, 3)).astype(np.float32)},
-             'bn': {'scale': rng.normal(size=(3,)).astype(np.float32)}}
+    grads = {
+      'conv': {'kernel': rng.normal(size=(3, 3)).astype(np.float32)},
+      'bn': {'scale': rng.normal(size=(3,)).astype(np.float32)},
+    }
     lr = float(optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True)))
     state = optim.set_learning_rate(state, lr)
     updates, state = tx.update(grads, state, params)
@@ -141,10 +173,13 @@ def test_the_two_momentum_styles_differ_only_after_the_drop():
     params, state = {'kernel': jnp.ones(2)}, None
     state = tx.init(params)
     for step in range(steps):
-      state = optim.set_learning_rate(state, optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True)))
+      state = optim.set_learning_rate(
+        state, optim.learning_rate(opt, jnp.asarray(step), jnp.asarray(True))
+      )
       updates, state = tx.update({'kernel': jnp.ones(2)}, state, params)
       params = jax.tree.map(lambda p, u: p + u, params, updates)
     return np.asarray(params['kernel'])
+
   np.testing.assert_allclose(run('caffe', 3), run('pytorch', 3), rtol=1e-6)
   assert np.abs(run('caffe', 5) - run('pytorch', 5)).max() > 1e-3
 
@@ -157,14 +192,14 @@ def test_eval_step_counts_only_unmasked_examples():
   mask = np.array([1, 1, 1, 0, 1, 0, 0, 1], np.float32)
   m = eval_fn(state, parallel.to_global({**batch, 'mask': mask}, mesh)).compute()
   model = models.create(config.model)
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+  logits = model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
+  )
   keep = mask == 1
   loss = np.asarray(train.cross_entropy(logits, batch['label']))[keep].mean()
   error = (np.argmax(logits, -1) != batch['label'])[keep].mean()
   assert float(m['loss']) == pytest.approx(loss, rel=1e-5)
   assert float(m['error']) == pytest.approx(error)
-
-
 
 
 def _bn_input(n=16, seed=0):
@@ -174,11 +209,15 @@ def _bn_input(n=16, seed=0):
 
 def test_batchnorm_matches_flax():
   x = _bn_input()
-  ours, theirs = models.BatchNorm(use_running_average=False), flax.linen.BatchNorm(
-      use_running_average=False, momentum=0.9, epsilon=1e-5)
+  ours, theirs = (
+    models.BatchNorm(use_running_average=False),
+    flax.linen.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5),
+  )
   variables = theirs.init(jax.random.key(0), x)
-  params = {'params': {'scale': jnp.arange(1.0, 4.0), 'bias': jnp.arange(3.0)},
-            'batch_stats': variables['batch_stats']}
+  params = {
+    'params': {'scale': jnp.arange(1.0, 4.0), 'bias': jnp.arange(3.0)},
+    'batch_stats': variables['batch_stats'],
+  }
   y1, s1 = ours.apply(params, x, mutable=['batch_stats'])
   y2, s2 = theirs.apply(params, x, mutable=['batch_stats'])
   np.testing.assert_allclose(y1, y2, atol=1e-5)
@@ -188,10 +227,14 @@ def test_batchnorm_matches_flax():
 
 def _mapped_bn(group_size, devices, x):
   bn = models.BatchNorm(use_running_average=False, axis_name=parallel.AXIS, group_size=group_size)
-  variables = bn.init(jax.random.key(0), x[:group_size or 1])
+  variables = bn.init(jax.random.key(0), x[: group_size or 1])
   mesh = parallel.make_mesh(devices)
-  fn = parallel.map_step(lambda v, x: bn.apply(v, x, mutable=['batch_stats']), mesh,
-                         in_specs=(P(), P(parallel.AXIS)), out_specs=(P(parallel.AXIS), P()))
+  fn = parallel.map_step(
+    lambda v, x: bn.apply(v, x, mutable=['batch_stats']),
+    mesh,
+    in_specs=(P(), P(parallel.AXIS)),
+    out_specs=(P(parallel.AXIS), P()),
+  )
   y, stats = fn(variables, parallel.to_global(x, mesh))
   return np.asarray(y), jax.device_get(stats)
 
@@ -201,7 +244,7 @@ def test_bn_groups_of_the_per_device_batch_equal_independent_per_device_bn():
   y, stats = _mapped_bn(4, jax.devices()[:4], x)
   plain = models.BatchNorm(use_running_average=False)
   variables = plain.init(jax.random.key(0), x[:1])
-  outs = [plain.apply(variables, x[i:i + 4], mutable=['batch_stats']) for i in range(0, 16, 4)]
+  outs = [plain.apply(variables, x[i : i + 4], mutable=['batch_stats']) for i in range(0, 16, 4)]
   np.testing.assert_allclose(y, np.concatenate([o[0] for o in outs]), atol=1e-5)
   mean_of_devices = jax.tree.map(lambda *s: np.mean(s, axis=0), *[o[1] for o in outs])
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(mean_of_devices)):

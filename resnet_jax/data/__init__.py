@@ -5,6 +5,7 @@
 - on_device: an in-memory training set kept on the accelerators, batches made inside the step.
 - common: what they share (example order, process shares, the cache, DataError).
 """
+
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -33,7 +34,12 @@ class Dataset(Protocol):
   def eval_labels(self) -> np.ndarray: ...
 
   def train_batches(
-    self, start_step: int, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+    self,
+    start_step: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
   ) -> Iterator[dict]:
     """{'image', 'label'}: this process's share of the global batch of each step from start_step on."""
 

@@ -4,13 +4,25 @@ A batch is a function of (seed, step): epoch e's order is a permutation drawn fr
 the s-th slice of it, and each process takes a contiguous share of that slice. A resumed run therefore
 reads exactly what it would have read, and no iterator state is ever saved.
 """
+
 import functools
 import os
 from typing import Iterator
 
 import numpy as np
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.gif', '.tif', '.tiff', '.webp')
+IMAGE_EXTENSIONS = (
+  '.jpg',
+  '.jpeg',
+  '.png',
+  '.bmp',
+  '.ppm',
+  '.pgm',
+  '.gif',
+  '.tif',
+  '.tiff',
+  '.webp',
+)
 DEFAULT_CACHE_DIR = '~/.cache/resnet_jax'
 
 
@@ -78,7 +90,9 @@ def step_indices(num_train: int, step: int, batch_size: int, seed: int, share: s
 def eval_indices(num_eval: int, batch_size: int, share: slice) -> Iterator[np.ndarray]:
   """The eval set in order, this process's share of each global batch; -1 pads the last one."""
   if batch_size <= 0:
-    raise DataError(f'the eval batch size {batch_size} must be positive; set train.eval_batch_size.')
+    raise DataError(
+      f'the eval batch size {batch_size} must be positive; set train.eval_batch_size.'
+    )
   padded = np.full(-(-num_eval // batch_size) * batch_size, -1)
   padded[:num_eval] = np.arange(num_eval)
   yield from padded.reshape(-1, batch_size)[:, share]

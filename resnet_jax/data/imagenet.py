@@ -17,6 +17,7 @@ training images); whole images of other sizes cannot take a 224x224 mean, so the
 per-channel mean. Labels are the index of the class's WordNet id in the sorted list of the 1000 ILSVRC2012
 synsets that tfds ships, so a folder holding a subset of the classes keeps the real label ids.
 """
+
 import dataclasses
 import hashlib
 import importlib.util
@@ -32,14 +33,22 @@ from resnet_jax.data.common import DataError
 NUM_CLASSES = 1000
 # AlexNet's PCA of ImageNet RGB pixels (in 0..1 units): eigenvalues, and eigenvectors as columns.
 EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
-EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
-                   [-0.5808, -0.0045, -0.8140],
-                   [-0.5836, -0.6948, 0.4203]], np.float32)
-ASPECTS = (1.0, 1.25, 4 / 3, 1.5, 1.75, 2.0)  # long/short side ratios of the multi-scale shape buckets
+EIGVEC = np.array(
+  [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], np.float32
+)
+ASPECTS = (
+  1.0,
+  1.25,
+  4 / 3,
+  1.5,
+  1.75,
+  2.0,
+)  # long/short side ratios of the multi-scale shape buckets
 
 
 def _tf():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # lazily: the JAX side never needs it
+  import tensorflow as tf  # lazily: the JAX side never needs it
+
   tf.config.set_visible_devices([], 'GPU')  # keep TensorFlow off the accelerators JAX uses
   return tf
 
@@ -47,10 +56,14 @@ def _tf():
 def ilsvrc_wnids() -> list[str]:
   """The 1000 ILSVRC2012 WordNet ids in tfds' (sorted) label order, read without importing TensorFlow."""
   spec = importlib.util.find_spec('tensorflow_datasets')
-  path = spec and os.path.join(spec.submodule_search_locations[0], 'datasets', 'imagenet2012', 'labels.txt')
+  path = spec and os.path.join(
+    spec.submodule_search_locations[0], 'datasets', 'imagenet2012', 'labels.txt'
+  )
   if not path or not os.path.exists(path):
-    raise DataError('ImageNet labels come from the ILSVRC2012 synset list that tensorflow_datasets ships; '
-                    'install tensorflow-datasets (pip install tensorflow-datasets).')
+    raise DataError(
+      'ImageNet labels come from the ILSVRC2012 synset list that tensorflow_datasets ships; '
+      'install tensorflow-datasets (pip install tensorflow-datasets).'
+    )
   with open(path) as f:
     return [line.strip() for line in f if line.strip()]
 
@@ -61,6 +74,7 @@ def ilsvrc_wnids() -> list[str]:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
   """Random access to one split: encoded images (or their file paths) and labels."""
+
   name: str
   size: int
   paths: list | None = None  # image_folder: one file per example
@@ -96,42 +110,61 @@ def _subset(split: Split, keep: np.ndarray) -> Split:
 
 def _folder_split(root: str, split: str) -> Split:
   folder = os.path.join(root, split)
-  if not os.path.isdir(folder) and split == 'validation' and os.path.isdir(os.path.join(root, 'val')):
+  if (
+    not os.path.isdir(folder) and split == 'validation' and os.path.isdir(os.path.join(root, 'val'))
+  ):
     folder = os.path.join(root, 'val')  # the common name of ImageNet's validation folder
   if not os.path.isdir(folder):
-    raise DataError(f'{folder} does not exist; data.image_folder should hold one folder per split '
-                    f'(data.train_split, data.eval_split) with a folder of images per class WordNet id.')
+    raise DataError(
+      f'{folder} does not exist; data.image_folder should hold one folder per split '
+      f'(data.train_split, data.eval_split) with a folder of images per class WordNet id.'
+    )
   label = {w: i for i, w in enumerate(ilsvrc_wnids())}
   paths, labels = [], []
   for wnid in sorted(os.listdir(folder)):
     if not os.path.isdir(os.path.join(folder, wnid)) or wnid.startswith('.'):
       continue
     if wnid not in label:
-      raise DataError(f'{folder}/{wnid} is not an ILSVRC2012 class WordNet id (such as n01440764); ImageNet '
-                      'class folders must be named by their WordNet ids.')
-    files = sorted(f for f in os.listdir(os.path.join(folder, wnid))
-                   if f.lower().endswith(common.IMAGE_EXTENSIONS) and not f.startswith('.'))
+      raise DataError(
+        f'{folder}/{wnid} is not an ILSVRC2012 class WordNet id (such as n01440764); ImageNet '
+        'class folders must be named by their WordNet ids.'
+      )
+    files = sorted(
+      f
+      for f in os.listdir(os.path.join(folder, wnid))
+      if f.lower().endswith(common.IMAGE_EXTENSIONS) and not f.startswith('.')
+    )
     paths += [os.path.join(folder, wnid, f) for f in files]
     labels += [label[wnid]] * len(files)
   if not paths:
-    raise DataError(f'{folder} holds no class folders with images; it should hold <wnid>/<image>.JPEG.')
+    raise DataError(
+      f'{folder} holds no class folders with images; it should hold <wnid>/<image>.JPEG.'
+    )
   return Split(split, len(paths), paths=paths, labels=np.array(labels, np.int32))
 
 
 def _tfds_split(cfg, split: str) -> Split:
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
   except ImportError:
-    raise DataError('data.source=tfds needs tensorflow_datasets, which is not installed; install it or use '
-                    'data.source=image_folder.') from None
-  try:  # download=False: ImageNet cannot be downloaded, and offline retries take minutes
-    source = tfds.data_source('imagenet2012', split=split, data_dir=cfg.data_dir or None, download=False,
-                              decoders={'image': tfds.decode.SkipDecoding()})
-  except Exception as e:  # pylint: disable=broad-except  # tfds raises several types here
     raise DataError(
-        f'cannot open split {split!r} of imagenet2012 in tfds ({type(e).__name__}: {str(e).splitlines()[0]}); '
-        'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in the manual dir and run `tfds build '
-        'imagenet2012 --file_format=array_record` (see the README), or use data.source=image_folder.') from None
+      'data.source=tfds needs tensorflow_datasets, which is not installed; install it or use '
+      'data.source=image_folder.'
+    ) from None
+  try:  # download=False: ImageNet cannot be downloaded, and offline retries take minutes
+    source = tfds.data_source(
+      'imagenet2012',
+      split=split,
+      data_dir=cfg.data_dir or None,
+      download=False,
+      decoders={'image': tfds.decode.SkipDecoding()},
+    )
+  except Exception as e:  # tfds raises several types here
+    raise DataError(
+      f'cannot open split {split!r} of imagenet2012 in tfds ({type(e).__name__}: {str(e).splitlines()[0]}); '
+      'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in the manual dir and run `tfds build '
+      'imagenet2012 --file_format=array_record` (see the README), or use data.source=image_folder.'
+    ) from None
   return Split(split, len(source), source=source)
 
 
@@ -144,8 +177,10 @@ def _splits(cfg) -> tuple[Split, Split]:
   if cfg.source == 'image_folder':
     root = os.path.abspath(os.path.expanduser(cfg.image_folder))
     if not os.path.isdir(root):
-      raise DataError(f'data.image_folder={root} is not a directory; ImageNet is read from a folder of '
-                      'split/<wnid>/<image>.JPEG (extract the archives first).')
+      raise DataError(
+        f'data.image_folder={root} is not a directory; ImageNet is read from a folder of '
+        'split/<wnid>/<image>.JPEG (extract the archives first).'
+      )
     return _folder_split(root, cfg.train_split), _folder_split(root, cfg.eval_split)
   return _tfds_split(cfg, cfg.train_split), _tfds_split(cfg, cfg.eval_split)
 
@@ -155,17 +190,22 @@ def _splits(cfg) -> tuple[Split, Split]:
 
 def _shape(tf, data):
   """Height and width from the JPEG header alone; other formats are decoded."""
-  return tf.cond(tf.io.is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[:2],
-                 lambda: tf.shape(tf.io.decode_image(data, channels=3, expand_animations=False))[:2])
+  return tf.cond(
+    tf.io.is_jpeg(data),
+    lambda: tf.image.extract_jpeg_shape(data)[:2],
+    lambda: tf.shape(tf.io.decode_image(data, channels=3, expand_animations=False))[:2],
+  )
 
 
 def _decode_window(tf, data, y, x, h, w):
   """Decodes only the window [y, y+h) x [x, x+w) of a JPEG (the whole image for other formats)."""
   return tf.cond(
-      tf.io.is_jpeg(data),
-      lambda: tf.image.decode_and_crop_jpeg(data, tf.stack([y, x, h, w]), channels=3),
-      lambda: tf.image.crop_to_bounding_box(
-          tf.io.decode_image(data, channels=3, expand_animations=False), y, x, h, w))
+    tf.io.is_jpeg(data),
+    lambda: tf.image.decode_and_crop_jpeg(data, tf.stack([y, x, h, w]), channels=3),
+    lambda: tf.image.crop_to_bounding_box(
+      tf.io.decode_image(data, channels=3, expand_animations=False), y, x, h, w
+    ),
+  )
 
 
 def _resize(tf, image, h, w):
@@ -181,15 +221,23 @@ def scale_window(tf, shape, seed, scale_range, crop):
   short = tf.minimum(h, w)
   side = tf.cast(tf.round(crop * tf.cast(short, tf.float32) / tf.cast(scale, tf.float32)), tf.int32)
   side = tf.clip_by_value(side, 1, short)
-  offset = tf.random.stateless_uniform([2], s2, 0, 2**30, dtype=tf.int32) % (tf.stack([h, w]) - side + 1)
+  offset = tf.random.stateless_uniform([2], s2, 0, 2**30, dtype=tf.int32) % (
+    tf.stack([h, w]) - side + 1
+  )
   return scale, offset[0], offset[1], side, side
 
 
 def _inception_window(tf, shape, seed):
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.concat([shape, [3]], 0), tf.constant([[[0., 0., 1., 1.]]]), seed=seed, min_object_covered=0.1,
-      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
+    tf.concat([shape, [3]], 0),
+    tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+    seed=seed,
+    min_object_covered=0.1,
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    area_range=(0.08, 1.0),
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
   return begin[0], begin[1], size[0], size[1]
 
 
@@ -203,8 +251,11 @@ def train_view(tf, data, seed, cfg, mean_image):
   else:
     _, y, x, h, w = scale_window(tf, shape, seeds[0], (cfg.scale_min, cfg.scale_max), crop)
   image = _resize(tf, _decode_window(tf, data, y, x, h, w), crop, crop)
-  image = tf.cond(tf.random.stateless_uniform([], seeds[1]) < 0.5, lambda: tf.image.flip_left_right(image),
-                  lambda: image)
+  image = tf.cond(
+    tf.random.stateless_uniform([], seeds[1]) < 0.5,
+    lambda: tf.image.flip_left_right(image),
+    lambda: image,
+  )
   if cfg.lighting_std:
     alpha = tf.random.stateless_normal([3], seeds[2]) * cfg.lighting_std
     image += tf.linalg.matvec(tf.constant(EIGVEC), alpha * tf.constant(EIGVAL)) * 255
@@ -231,12 +282,16 @@ def _crops(tf, image, crop, corners):
 
 def one_crop_view(tf, data, cfg, mean_image):
   """Shorter side data.eval_resize, the centre crop: [crop, crop, 3]."""
-  return (_crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), False) - mean_image) / 255
+  return (
+    _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), False) - mean_image
+  ) / 255
 
 
 def ten_crop_view(tf, data, cfg, mean_image):
   """Corners (top-left, top-right, bottom-left, bottom-right), centre, then their flips: [10, crop, crop, 3]."""
-  return (_crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), True) - mean_image) / 255
+  return (
+    _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), True) - mean_image
+  ) / 255
 
 
 def scale_view(tf, data, height, width, channel_mean):
@@ -266,15 +321,26 @@ def _pipeline(split, items, view, shape, local_batch, threads):
       data, label = split.get(i) if i >= 0 else (b'', 0)
       yield data, label, np.asarray(seed, np.int64), i >= 0
 
-  ds = tf.data.Dataset.from_generator(generate, output_signature=(
-      tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64),
-      tf.TensorSpec([], tf.bool)))
+  ds = tf.data.Dataset.from_generator(
+    generate,
+    output_signature=(
+      tf.TensorSpec([], tf.string),
+      tf.TensorSpec([], tf.int32),
+      tf.TensorSpec([2], tf.int64),
+      tf.TensorSpec([], tf.bool),
+    ),
+  )
 
   def fn(data, label, seed, valid):
     def real():
       return view(tf, tf.io.read_file(data) if split.paths is not None else data, seed)
+
     image = tf.cond(valid, real, lambda: tf.zeros(shape, tf.float32))
-    return {'image': tf.ensure_shape(image, shape), 'label': label, 'mask': tf.cast(valid, tf.float32)}
+    return {
+      'image': tf.ensure_shape(image, shape),
+      'label': label,
+      'mask': tf.cast(valid, tf.float32),
+    }
 
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(local_batch)
   options = tf.data.Options()
@@ -292,9 +358,13 @@ class ImageNet:
     self.cfg, self.seed = cfg, seed
     self.train, self.eval = _splits(cfg)
     if 0 < cfg.train_limit < self.train.size:
-      self.train = _subset(self.train, common.seeded_subset(self.train.size, cfg.train_limit, seed, 54321))
+      self.train = _subset(
+        self.train, common.seeded_subset(self.train.size, cfg.train_limit, seed, 54321)
+      )
     if 0 < cfg.eval_limit < self.eval.size:
-      self.eval = _subset(self.eval, common.seeded_subset(self.eval.size, cfg.eval_limit, seed, 54322))
+      self.eval = _subset(
+        self.eval, common.seeded_subset(self.eval.size, cfg.eval_limit, seed, 54322)
+      )
     self.num_classes, self.eval_split = NUM_CLASSES, cfg.eval_split
     self.mean_image = self._mean_image()
     self._eval_labels = None
@@ -313,17 +383,27 @@ class ImageNet:
     """Per-pixel mean of the 1-crop views of data.mean_images training images (a fixed random subset), cached."""
     n = min(int(self.cfg.mean_images), self.train.size)
     first = self.train.paths[:4] if self.train.paths is not None else ''
-    ident = f'{self.cfg.source}|{self.cfg.image_folder}|{self.cfg.data_dir}|{self.train.name}|{self.train.size}|' \
-            f'{n}|{self.cfg.image_size}|{self.cfg.eval_resize}|{first}'
-    path = os.path.join(common.cache_dir(self.cfg),
-                        f'imagenet-mean-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.npy')
+    ident = (
+      f'{self.cfg.source}|{self.cfg.image_folder}|{self.cfg.data_dir}|{self.train.name}|{self.train.size}|'
+      f'{n}|{self.cfg.image_size}|{self.cfg.eval_resize}|{first}'
+    )
+    path = os.path.join(
+      common.cache_dir(self.cfg),
+      f'imagenet-mean-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.npy',
+    )
     if os.path.exists(path):
       return np.load(path)
     index = np.sort(np.random.default_rng(12345).permutation(self.train.size)[:n])
     crop = int(self.cfg.image_size)
     zeros = np.zeros((crop, crop, 3), np.float32)
-    batches = _pipeline(self.train, [(i, (0, 0)) for i in index],
-                        lambda tf, d, s: one_crop_view(tf, d, self.cfg, zeros), (crop, crop, 3), 64, 0)
+    batches = _pipeline(
+      self.train,
+      [(i, (0, 0)) for i in index],
+      lambda tf, d, s: one_crop_view(tf, d, self.cfg, zeros),
+      (crop, crop, 3),
+      64,
+      0,
+    )
     total = sum(b['image'].astype(np.float64).sum(0) for b in batches)
     mean = (total * 255 / n).astype(np.float32)
     common.write_atomically(path, lambda tmp: np.save(tmp, mean))
@@ -341,7 +421,9 @@ class ImageNet:
 
     crop = int(self.cfg.image_size)
     view = lambda tf, d, s: train_view(tf, d, s, self.cfg, self.mean_image)  # noqa: E731
-    for b in _pipeline(self.train, items(), view, (crop, crop, 3), share.stop - share.start, self.cfg.threads):
+    for b in _pipeline(
+      self.train, items(), view, (crop, crop, 3), share.stop - share.start, self.cfg.threads
+    ):
       yield {'image': b['image'], 'label': b['label']}
 
   def view_batches(self, view, shape, batch_size, process_index=0, process_count=1, indices=None):
@@ -349,21 +431,41 @@ class ImageNet:
     'mask' is 1 for real images."""
     indices = np.arange(self.eval.size) if indices is None else np.asarray(indices)
     share = common.process_share(batch_size, process_index, process_count, 'train.eval_batch_size')
-    mine = (np.where(i >= 0, indices[np.maximum(i, 0)], -1) for i in common.eval_indices(len(indices), batch_size, share))
-    return _pipeline(self.eval, ((i, (0, 0)) for batch in mine for i in batch), lambda tf, d, s: view(tf, d), shape,
-                     share.stop - share.start, self.cfg.threads)
+    mine = (
+      np.where(i >= 0, indices[np.maximum(i, 0)], -1)
+      for i in common.eval_indices(len(indices), batch_size, share)
+    )
+    return _pipeline(
+      self.eval,
+      ((i, (0, 0)) for batch in mine for i in batch),
+      lambda tf, d, s: view(tf, d),
+      shape,
+      share.stop - share.start,
+      self.cfg.threads,
+    )
 
   def eval_batches(self, batch_size, process_index=0, process_count=1, mode='1crop'):
     crop = int(self.cfg.image_size)
     if mode == '10crop':
-      return self.view_batches(lambda tf, d: ten_crop_view(tf, d, self.cfg, self.mean_image), (10, crop, crop, 3),
-                               batch_size, process_index, process_count)
-    return self.view_batches(lambda tf, d: one_crop_view(tf, d, self.cfg, self.mean_image), (crop, crop, 3),
-                             batch_size, process_index, process_count)
+      return self.view_batches(
+        lambda tf, d: ten_crop_view(tf, d, self.cfg, self.mean_image),
+        (10, crop, crop, 3),
+        batch_size,
+        process_index,
+        process_count,
+      )
+    return self.view_batches(
+      lambda tf, d: one_crop_view(tf, d, self.cfg, self.mean_image),
+      (crop, crop, 3),
+      batch_size,
+      process_index,
+      process_count,
+    )
 
   def eval_image_sizes(self) -> np.ndarray:
     """[M, 2] heights and widths of the eval images, from their headers."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from PIL import Image
+
     sizes = []
     for i in range(self.eval.size):
       with Image.open(io.BytesIO(self.eval.image_bytes(i))) as image:

@@ -4,6 +4,7 @@ Paper section 4.2: subtract the per-pixel mean, pad 4 pixels with zeros, take a 
 flip half the images; evaluate on the single original view. TensorFlow is imported only by the tfds
 loader; an image folder is decoded once with PIL and cached.
 """
+
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -15,7 +16,6 @@ import posixpath
 import socket
 import tarfile
 import zlib
-from typing import Iterator
 
 import numpy as np
 
@@ -66,6 +66,7 @@ class Dataset:
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """What differs between datasets, so that another one is one more entry in SPECS."""
+
   title: str
   tfds_name: str
   download_host: str  # tested before tfds tries to download, since offline retries take minutes
@@ -74,12 +75,14 @@ class _Spec:
 
 
 SPECS = {
-    'cifar10': _Spec('CIFAR-10', 'cifar10', 'www.cs.toronto.edu', 10, (50_000, 10_000)),
-    # Only the synthetic source is read here; data/imagenet.py streams the real images.
-    'imagenet2012': _Spec('ImageNet', 'imagenet2012', 'image-net.org', 1000, (2_560, 512)),
+  'cifar10': _Spec('CIFAR-10', 'cifar10', 'www.cs.toronto.edu', 10, (50_000, 10_000)),
+  # Only the synthetic source is read here; data/imagenet.py streams the real images.
+  'imagenet2012': _Spec('ImageNet', 'imagenet2012', 'image-net.org', 1000, (2_560, 512)),
 }
-_FIX_OFFLINE = ('--config.data.source=image_folder --config.data.image_folder=PATH with a local copy '
-                '(a train/ and test/ tree of class folders, or a .tar.gz of one)')
+_FIX_OFFLINE = (
+  '--config.data.source=image_folder --config.data.image_folder=PATH with a local copy '
+  '(a train/ and test/ tree of class folders, or a .tar.gz of one)'
+)
 
 
 def _splits(cfg) -> tuple[str, str]:
@@ -96,8 +99,10 @@ def check(data_config) -> None:
     if os.path.isdir(path):
       _index(_list_dir(path, _splits(data_config)), path, _splits(data_config))
     elif not tarfile.is_tarfile(path):
-      raise DataError(f'data.image_folder={path} is neither a directory nor a readable .tar.gz; '
-                      'point it at a train/ and test/ tree of class folders or an archive of one.')
+      raise DataError(
+        f'data.image_folder={path} is neither a directory nor a readable .tar.gz; '
+        'point it at a train/ and test/ tree of class folders or an archive of one.'
+      )
 
 
 def load(data_config, seed: int) -> Dataset:
@@ -110,13 +115,17 @@ def load(data_config, seed: int) -> Dataset:
   ti, tl, ei, el, num_classes = _LOADERS[data_config.source](spec, data_config, seed)
   for name, images in (('training', ti), ('evaluation', ei)):
     if images.shape[1:] != (size, size, 3):
-      raise DataError(f'the {name} images have shape {images.shape[1:]} but data.image_size={size}; '
-                      f'set --config.data.image_size={images.shape[1]}.')
+      raise DataError(
+        f'the {name} images have shape {images.shape[1:]} but data.image_size={size}; '
+        f'set --config.data.image_size={images.shape[1]}.'
+      )
   eval_split = data_config.eval_split
   if data_config.val_split:
     k, n = int(data_config.val_split), len(tl)
     if k >= n:
-      raise DataError(f'data.val_split={k} leaves no training images out of {n}; use fewer (paper: 5000).')
+      raise DataError(
+        f'data.val_split={k} leaves no training images out of {n}; use fewer (paper: 5000).'
+      )
     perm = np.random.default_rng([seed, 12345]).permutation(n)
     val, rest = np.sort(perm[:k]), np.sort(perm[k:])
     ti, tl, ei, el, eval_split = ti[rest], tl[rest], ti[val], tl[val], 'val'
@@ -136,10 +145,12 @@ def load(data_config, seed: int) -> Dataset:
 def _tfds_builder(spec: _Spec, data_dir: str):
   """A tfds builder that is prepared, or can be: offline download_and_prepare retries for minutes."""
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
   except ImportError:
-    raise DataError(f'data.source=tfds needs tensorflow_datasets, which is not installed; install it '
-                    f'(with tensorflow-cpu) or use {_FIX_OFFLINE}.') from None
+    raise DataError(
+      f'data.source=tfds needs tensorflow_datasets, which is not installed; install it '
+      f'(with tensorflow-cpu) or use {_FIX_OFFLINE}.'
+    ) from None
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir or None)
   if not builder.is_prepared():
     try:
@@ -147,21 +158,25 @@ def _tfds_builder(spec: _Spec, data_dir: str):
     except OSError:  # socket.gaierror (no DNS) and timeouts are OSErrors too
       where = data_dir or f'{os.path.dirname(os.path.dirname(builder.data_dir))} (the tfds default)'
       raise DataError(
-          f'{spec.title} is not in {where} and the download host {spec.download_host} cannot be reached; '
-          f'prepare it on a connected machine (tfds build {spec.tfds_name} --data_dir=DIR), copy DIR here '
-          f'and pass --config.data.data_dir=DIR, or use {_FIX_OFFLINE}.') from None
+        f'{spec.title} is not in {where} and the download host {spec.download_host} cannot be reached; '
+        f'prepare it on a connected machine (tfds build {spec.tfds_name} --data_dir=DIR), copy DIR here '
+        f'and pass --config.data.data_dir=DIR, or use {_FIX_OFFLINE}.'
+      ) from None
   return builder
 
 
 def _load_tfds(spec, cfg, seed):
   del seed
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
+
   builder = _tfds_builder(spec, cfg.data_dir)
   if not builder.is_prepared():
     builder.download_and_prepare()
   arrays = []
   for split in _splits(cfg):
-    images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
+    images, labels = tfds.as_numpy(
+      builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+    )
     arrays += [np.asarray(images, np.uint8), np.asarray(labels, np.int32)]
   return (*arrays, builder.info.features['label'].num_classes)
 
@@ -171,8 +186,10 @@ def _load_synthetic(spec, cfg, seed):
   rng, size = np.random.default_rng(seed), int(cfg.image_size)
   arrays = []
   for n in spec.synthetic_sizes:
-    arrays += [rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-               rng.integers(0, spec.num_classes, n).astype(np.int32)]
+    arrays += [
+      rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+      rng.integers(0, spec.num_classes, n).astype(np.int32),
+    ]
   return (*arrays, spec.num_classes)
 
 
@@ -181,8 +198,10 @@ def _folder_path(cfg) -> str:
     raise DataError('data.source=image_folder needs a path; pass --config.data.image_folder=PATH.')
   path = os.path.abspath(os.path.expanduser(cfg.image_folder))
   if not os.path.exists(path):
-    raise DataError(f'data.image_folder={path} does not exist; point it at a train/ and test/ tree of '
-                    'class folders or a .tar.gz of one.')
+    raise DataError(
+      f'data.image_folder={path} does not exist; point it at a train/ and test/ tree of '
+      'class folders or a .tar.gz of one.'
+    )
   return path
 
 
@@ -205,11 +224,13 @@ def _read_archive(path: str, splits) -> tuple[dict[str, bytes], str]:
     with tarfile.open(path, 'r|*') as f:
       files = {posixpath.normpath(m.name): f.extractfile(m).read() for m in f if m.isfile()}
   except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-    raise DataError(f'cannot read the archive {path} ({e}); replace it or extract it and pass the folder.') from None
+    raise DataError(
+      f'cannot read the archive {path} ({e}); replace it or extract it and pass the folder.'
+    ) from None
   tops = {name.split('/', 1)[0] for name in files}
   if len(tops) == 1 and not any(name.startswith(splits[0] + '/') for name in files):
     prefix = tops.pop() + '/'
-    return {name[len(prefix):]: data for name, data in files.items()}, prefix
+    return {name[len(prefix) :]: data for name, data in files.items()}, prefix
   return files, ''
 
 
@@ -219,33 +240,47 @@ def _index(names, where: str, split_names):
   parts = [name.split('/') for name in names]
   splits = []
   for split in split_names:
-    files = sorted((p[1], p[2]) for p in parts if len(p) == 3 and p[0] == split and p[2].lower().endswith(
-        common.IMAGE_EXTENSIONS) and not p[1].startswith('.') and not p[2].startswith('.'))
+    files = sorted(
+      (p[1], p[2])
+      for p in parts
+      if len(p) == 3
+      and p[0] == split
+      and p[2].lower().endswith(common.IMAGE_EXTENSIONS)
+      and not p[1].startswith('.')
+      and not p[2].startswith('.')
+    )
     if not files:
       raise DataError(f'{where}/{split} holds no class folders with images; {expected}.')
     splits.append(files)
   classes = sorted({c for c, _ in splits[0]})
   unknown = sorted({c for c, _ in splits[1]} - set(classes))
   if unknown:
-    raise DataError(f'{where}/{split_names[1]} has classes {unknown} absent from {split_names[0]}/; {expected}.')
+    raise DataError(
+      f'{where}/{split_names[1]} has classes {unknown} absent from {split_names[0]}/; {expected}.'
+    )
   label = {c: i for i, c in enumerate(classes)}
-  return classes, [[(f'{s}/{c}/{f}', label[c]) for c, f in files] for s, files in zip(split_names, splits)]
+  return classes, [
+    [(f'{s}/{c}/{f}', label[c]) for c, f in files] for s, files in zip(split_names, splits)
+  ]
 
 
 def _decode_chunk(items, size: int) -> np.ndarray:
   """Decodes [(name, bytes or None to read the file `name`)] to uint8 RGB."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   out = np.empty((len(items), size, size, 3), np.uint8)
   for i, (name, data) in enumerate(items):
     try:
       with Image.open(name if data is None else io.BytesIO(data)) as image:
         if image.size != (size, size):
-          raise DataError(f'{name} is {image.size[0]}x{image.size[1]} pixels but data.image_size={size}; '
-                          'resize the images or set --config.data.image_size.')
+          raise DataError(
+            f'{name} is {image.size[0]}x{image.size[1]} pixels but data.image_size={size}; '
+            'resize the images or set --config.data.image_size.'
+          )
         out[i] = np.asarray(image.convert('RGB'))
     except DataError:
       raise
-    except Exception as e:  # pylint: disable=broad-except; PIL raises many types on bad files
+    except Exception as e:  # PIL raises many types on bad files
       raise DataError(f'cannot decode image {name} ({e}); replace or delete the file.') from None
   return out
 
@@ -259,9 +294,11 @@ def _decode_files(items, size: int) -> np.ndarray:
   if len(items) < 5000 or workers < 2:
     return _decode_chunk(items, size)
   chunk = -(-len(items) // (4 * workers))
-  chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+  chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
   try:  # spawn, not fork: forking a process that runs JAX threads can deadlock
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as ex:
+    with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context('spawn')
+    ) as ex:
       return np.concatenate(list(ex.map(_decode_chunk, chunks, itertools.repeat(size))))
   except concurrent.futures.process.BrokenProcessPool:
     return _decode_chunk(items, size)
@@ -283,8 +320,14 @@ def _load_image_folder(spec, cfg, seed):
   cache = os.path.join(common.cache_dir(cfg), f'{spec.tfds_name}-folder-{key.hexdigest()[:20]}.npz')
   try:
     with np.load(cache) as f:
-      return (f['train_images'], f['train_labels'], f['eval_images'], f['eval_labels'], len(f['classes']))
-  except Exception:  # pylint: disable=broad-except; absent or damaged: decode again
+      return (
+        f['train_images'],
+        f['train_labels'],
+        f['eval_images'],
+        f['eval_labels'],
+        len(f['classes']),
+      )
+  except Exception:  # absent or damaged: decode again
     pass
   if os.path.isdir(path):
     items = [[(os.path.join(path, rel), None) for rel, _ in s] for s in splits]
@@ -293,12 +336,17 @@ def _load_image_folder(spec, cfg, seed):
     classes, splits = _index(files, path, names)
     items = [[(f'{path}:{prefix}{rel}', files[rel]) for rel, _ in s] for s in splits]
   images = _decode_files(items[0] + items[1], size)  # one pool for both splits
-  arrays = {'train_images': images[:len(items[0])], 'eval_images': images[len(items[0]):]}
+  arrays = {'train_images': images[: len(items[0])], 'eval_images': images[len(items[0]) :]}
   for name, files in zip(('train', 'eval'), splits):
     arrays[f'{name}_labels'] = np.array([label for _, label in files], np.int32)
   common.write_atomically(cache, lambda tmp: np.savez(tmp, classes=np.array(classes), **arrays))
-  return (arrays['train_images'], arrays['train_labels'], arrays['eval_images'], arrays['eval_labels'],
-          len(classes))
+  return (
+    arrays['train_images'],
+    arrays['train_labels'],
+    arrays['eval_images'],
+    arrays['eval_labels'],
+    len(classes),
+  )
 
 
 _LOADERS = {'tfds': _load_tfds, 'image_folder': _load_image_folder, 'synthetic': _load_synthetic}
@@ -324,20 +372,21 @@ def _pad_crop_flip(x: np.ndarray, dy, dx, flip) -> np.ndarray:
   b, h, w, c = x.shape
   hp, wp = h + 2 * PAD, w + 2 * PAD
   padded = np.zeros((b, hp, wp, c), np.float32)
-  padded[:, PAD:PAD + h, PAD:PAD + w] = x
+  padded[:, PAD : PAD + h, PAD : PAD + w] = x
   rows = dy[:, None] + np.arange(h)
-  cols = dx[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))  # a flip reverses columns
+  cols = dx[:, None] + np.where(
+    flip[:, None], np.arange(w)[::-1], np.arange(w)
+  )  # a flip reverses columns
   pixel = (np.arange(b)[:, None, None] * hp + rows[:, :, None]) * wp + cols[:, None, :]
   return np.take(padded.reshape(b * hp * wp, c), pixel.ravel(), axis=0).reshape(b, h, w, c)
 
 
-def train_batch(ds: Dataset, step: int, batch_size: int, seed: int, process_index: int = 0,
-                process_count: int = 1) -> dict:
+def train_batch(
+  ds: Dataset, step: int, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> dict:
   """This process's share of the augmented global batch of `step`: {'image', 'label'}."""
   share = common.process_share(batch_size, process_index, process_count, 'train.batch_size')
   index = common.step_indices(ds.num_train, step, batch_size, seed, share)
   dy, dx, flip = (a[share] for a in augmentation(seed, step, batch_size))
   images = _pad_crop_flip(preprocess_eval(ds.train_images[index], ds.mean_image), dy, dx, flip)
   return {'image': images, 'label': ds.train_labels[index].astype(np.int32)}
-
-

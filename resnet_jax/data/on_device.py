@@ -13,6 +13,7 @@ and train.scan_steps take them as they are:
       lambda s, data, xs: train.scan_steps(lambda s, x: step(s, device_data.batch(data, x)), s, xs),
       mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=(P(), P()), donate_argnums=0)
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +24,26 @@ from resnet_jax.data import common, in_memory
 
 def put(ds: in_memory.Dataset, mesh) -> dict:
   """The training images (uint8), labels and mean image, replicated on every device of the mesh."""
-  arrays = {'images': np.asarray(ds.train_images, np.uint8), 'labels': np.asarray(ds.train_labels, np.int32),
-            'mean': np.asarray(ds.mean_image, np.float32)}
-  sharding = parallel.replicated(mesh)  # every process holds the whole dataset, as for the host path
+  arrays = {
+    'images': np.asarray(ds.train_images, np.uint8),
+    'labels': np.asarray(ds.train_labels, np.int32),
+    'mean': np.asarray(ds.mean_image, np.float32),
+  }
+  sharding = parallel.replicated(
+    mesh
+  )  # every process holds the whole dataset, as for the host path
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
 
 
-def step_arrays(num_train: int, first: int, k: int, batch_size: int, seed: int, process_index: int = 0,
-                process_count: int = 1) -> dict:
+def step_arrays(
+  num_train: int,
+  first: int,
+  k: int,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> dict:
   """This process's share of steps [first, first + k): {'index', 'dy', 'dx', 'flip'}, each [local_batch, k].
 
   Host work of microseconds per step; the device does the rest in `batch`.
@@ -39,10 +52,21 @@ def step_arrays(num_train: int, first: int, k: int, batch_size: int, seed: int, 
   rows = []
   for step in range(int(first), int(first) + int(k)):
     dy, dx, flip = in_memory.augmentation(seed, step, batch_size)
-    rows.append((common.step_indices(num_train, step, batch_size, seed, share), dy[share], dx[share], flip[share]))
+    rows.append(
+      (
+        common.step_indices(num_train, step, batch_size, seed, share),
+        dy[share],
+        dx[share],
+        flip[share],
+      )
+    )
   index, dy, dx, flip = (np.stack(a, axis=1) for a in zip(*rows))
-  return {'index': index.astype(np.int32), 'dy': dy.astype(np.int32), 'dx': dx.astype(np.int32),
-          'flip': flip.astype(bool)}
+  return {
+    'index': index.astype(np.int32),
+    'dy': dy.astype(np.int32),
+    'dx': dx.astype(np.int32),
+    'flip': flip.astype(bool),
+  }
 
 
 def _crop(padded, dy, dx):
@@ -58,5 +82,7 @@ def batch(data: dict, x: dict) -> dict:
   images = (data['images'][x['index']].astype(jnp.float32) - data['mean']) * in_memory.INV_255
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   crops = jax.vmap(_crop)(padded, x['dy'], x['dx'])
-  crops = jnp.where(x['flip'][:, None, None, None], crops[:, :, ::-1], crops)  # a flip reverses columns
+  crops = jnp.where(
+    x['flip'][:, None, None, None], crops[:, :, ::-1], crops
+  )  # a flip reverses columns
   return {'image': crops, 'label': data['labels'][x['index']]}
