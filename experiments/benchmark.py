@@ -123,9 +123,8 @@ def make_config(spec):
   config.model.dtype = spec.dtype
   config.data.image_size = spec.image_size
   config.train.batch_size = spec.batch
-  config.optimizer.momentum_style = (
-    'pytorch'  # same cost as 'caffe'; the update torch.optim.SGD makes
-  )
+  # same cost as 'caffe'; the update torch.optim.SGD makes
+  config.optimizer.momentum_style = 'pytorch'
   models.create(config.model)  # a bad depth fails here, before any timing
   return config
 

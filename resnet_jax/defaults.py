@@ -21,9 +21,8 @@ def get_config():
   config.model.family = 'cifar'  # 'cifar' | 'imagenet'
   config.model.depth = 20
   config.model.residual = True  # False: the paper's plain counterpart
-  config.model.shortcut = (
-    'A'  # 'A' zero-pad identity | 'B' projection when shape changes | 'C' always
-  )
+  # 'A' zero-pad identity | 'B' projection when shape changes | 'C' always
+  config.model.shortcut = 'A'
   config.model.num_classes = 10
   config.model.dtype = 'float32'  # computation dtype
   config.model.param_dtype = 'float32'
@@ -33,12 +32,13 @@ def get_config():
   # BN statistics over groups of this many examples (the paper's per-GPU BN: 64 for CIFAR, 32 for
   # ImageNet); 0 = over the global batch, synchronised across devices (this codebase's default).
   config.model.bn_group_size = 0
-  config.model.remat = (
-    False  # True: recompute each block's activations in the backward pass (less memory)
-  )
-  config.model.scan_blocks = (
-    False  # True: nn.scan over each stage's identical blocks (flat compile time)
-  )
+  # True: recompute each block's activations in the backward pass (less memory)
+  config.model.remat = False
+  # True: nn.scan over each stage's identical blocks (flat compile time)
+  config.model.scan_blocks = False
+  # ImageNet stem's 3x3/2 max pool: 'symmetric' pads 1 each side | 'caffe' as the released Caffe
+  # models (no padding, ceil rounding: windows start one pixel later).
+  config.model.stem_pool = 'symmetric'
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'
@@ -49,9 +49,8 @@ def get_config():
   config.data.image_size = 32  # CIFAR: the image size; ImageNet: the training and 1-crop crop size
   config.data.train_split = 'train'  # tfds split names; image_folder: the split folders' names
   config.data.eval_split = 'test'
-  config.data.on_device = (
-    False  # True: dataset on the accelerator, augmentation inside the compiled step
-  )
+  # True: dataset on the accelerator, augmentation inside the compiled step
+  config.data.on_device = False
   config.data.val_split = 0  # >0: hold out this many training images and evaluate on them (45k/5k)
   config.data.train_limit = 0  # >0: train on a fixed subset of this many images (debugging, tests)
   config.data.eval_limit = 0  # >0: evaluate on the first this many images
@@ -68,24 +67,20 @@ def get_config():
   # The released models' BN statistics: exact averages over this many training images after training.
   config.train.recompute_bn_stats = False
   config.train.bn_stats_images = 10_000
-  config.train.steps_per_dispatch = (
-    1  # k > 1: k steps per compiled call (lax.scan); intervals multiples of k
-  )
-  config.train.on_nonfinite = (
-    'stop'  # a non-finite loss: 'stop' (naming the step) | 'skip' the step's update
-  )
+  # k > 1: k steps per compiled call (lax.scan); intervals multiples of k
+  config.train.steps_per_dispatch = 1
+  # a non-finite loss: 'stop' (naming the step) | 'skip' the step's update
+  config.train.on_nonfinite = 'stop'
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 0.1
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 1e-4
-  config.optimizer.momentum_style = (
-    'caffe'  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g, w -= lr*v
-  )
+  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g, w -= lr*v
+  config.optimizer.momentum_style = 'caffe'
   #                                            | 'dampened': v = m*v + (1-m)*lr*g
-  config.optimizer.schedule = (
-    'steps'  # 'steps': decay at `boundaries` | 'plateau': when the held-out error stalls
-  )
+  # 'steps': decay at `boundaries` | 'plateau': when the held-out error stalls
+  config.optimizer.schedule = 'steps'
   config.optimizer.boundaries = (32_000, 48_000)  # iterations where the lr is multiplied by decay
   config.optimizer.decay = 0.1
   # schedule='plateau': decay after this many evaluations in a row without the held-out error falling more
@@ -116,9 +111,8 @@ def get_imagenet_config():
   config.data.image_size = 224  # the training and 1-crop/10-crop crop size
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'  # image_folder: a folder validation/ or val/
-  config.data.augment = (
-    'paper'  # 'paper': shorter side in [scale_min, scale_max], crop | 'inception'
-  )
+  # 'paper': shorter side in [scale_min, scale_max], crop | 'inception'
+  config.data.augment = 'paper'
   config.data.scale_min = 256
   config.data.scale_max = 480
   config.data.lighting_std = 0.1  # AlexNet's PCA colour noise; 0 = off
@@ -131,9 +125,8 @@ def get_imagenet_config():
   config.train.eval_batch_size = 256  # 10-crop evaluates 10x as many views per batch
   config.train.num_steps = 600_000
   config.train.log_every_steps = 500
-  config.train.eval_every_steps = (
-    STEPS_PER_EPOCH  # the plateau rule watches the 1-crop error each epoch
-  )
+  # the plateau rule watches the 1-crop error each epoch
+  config.train.eval_every_steps = STEPS_PER_EPOCH
   config.train.checkpoint_every_steps = STEPS_PER_EPOCH
   config.train.recompute_bn_stats = True  # the released models' exact post-training BN statistics
 

@@ -1,6 +1,6 @@
 """The paper's networks: basic and bottleneck blocks, shortcuts A/B/C, CIFAR and ImageNet ResNets.
 
-All padding is explicit and symmetric (as in Caffe and PyTorch): Flax's 'SAME' pads (0, 1) for a stride-2
+All conv padding is explicit and symmetric (as in Caffe and PyTorch): Flax's 'SAME' pads (0, 1) for a stride-2
 conv on an even input, which would sample odd pixels in the conv branch while the shortcut (option A's
 x[:, ::2, ::2] or a 1x1/2 projection) samples even ones.
 """
@@ -175,6 +175,25 @@ class BottleneckBlock(Block):
     return self.act(y)
 
 
+class MaxPool(nn.Module):
+  """nn.max_pool as a variable-free module, so that method interceptors (summary.walk) see it."""
+
+  window: int
+  strides: int
+  padding: Any
+
+  def __call__(self, x):
+    window = (self.window, self.window)
+    return nn.max_pool(x, window, strides=(self.strides, self.strides), padding=self.padding)
+
+
+class GlobalAvgPool(nn.Module):
+  """The mean over the spatial axes, as a module for the same reason as MaxPool."""
+
+  def __call__(self, x):
+    return jnp.mean(x, axis=(1, 2))
+
+
 def _last_scale_init(zero):
   return nn.initializers.zeros if zero else nn.initializers.ones
 
@@ -204,6 +223,7 @@ class ResNet(nn.Module):
   bn_group_size: Optional[int] = None  # examples per BN group; None: the global batch
   remat: bool = False
   scan_blocks: bool = False
+  stem_pool: str = 'symmetric'  # 'symmetric': pad 1 each side | 'caffe': windows from pixel 0, ceil
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -228,7 +248,7 @@ class ResNet(nn.Module):
       )
     else:
       x = nn.relu(norm(name='stem_bn')(conv(64, (7, 7), (2, 2), padding=PAD7, name='stem_conv')(x)))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD3)  # Flax pads max pools with -inf
+      x = MaxPool(3, 2, stem_pool_padding(x.shape, self.stem_pool), name='pool')(x)  # -inf padding
     block_cls = nn.remat(self.block) if self.remat else self.block
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       block = functools.partial(
@@ -257,9 +277,27 @@ class ResNet(nn.Module):
       else:
         for j in range(2, blocks + 1):
           x = block(strides=1, name=f'stage{i + 1}_block{j}')(x)
-    x = jnp.mean(x, axis=(1, 2))
+    x = GlobalAvgPool(name='avg_pool')(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='fc')(x)
     return x.astype(jnp.float32)
+
+
+def stem_pool_padding(shape, stem_pool):
+  """The 3x3/2 max pool's padding (Flax pads max pools with -inf).
+
+  Caffe's pool1 (the released models) has no padding and rounds the output size up, so its windows
+  start one pixel later than ours: ceil((n - 3) / 2) + 1 outputs, the last window starting inside
+  the input, padded at the end only.
+  """
+  if stem_pool == 'symmetric':
+    return PAD3
+  pads = []
+  for n in shape[1:3]:
+    out = -(-(n - 3) // 2) + 1
+    if (out - 1) * 2 >= n:
+      out -= 1
+    pads.append((0, max(0, (out - 1) * 2 + 3 - n)))
+  return tuple(pads)
 
 
 _BLOCK = re.compile(r'stage(\d+)_block(\d+)')
@@ -330,6 +368,9 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
   for field, value in (('remat', remat), ('scan_blocks', scan_blocks)):
     if value not in (True, False):
       raise ValueError(f'model.{field} must be True or False, got {value!r}.')
+  stem_pool = model_config.get('stem_pool', 'symmetric')
+  if stem_pool not in ('symmetric', 'caffe'):
+    raise ValueError(f"Unknown model.stem_pool {stem_pool!r}: use 'symmetric' or 'caffe'.")
   return ResNet(
     stage_sizes=stages,
     widths=widths,
@@ -347,4 +388,5 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     bn_group_size=model_config.get('bn_group_size') or None,
     remat=bool(remat),
     scan_blocks=bool(scan_blocks),
+    stem_pool=stem_pool,
   )

@@ -1,19 +1,85 @@
-"""Parameters and forward multiply-accumulates of a config's network, without compiling it.
+"""Parameters and forward multiply-adds of a config's network, layer by layer, without compiling it.
 
-MACs are counted by intercepting every Conv and Dense call and reading its kernel and output shapes:
-XLA's cost analysis skips the padded taps of a conv and comes out ~8% low against the paper's Table 1.
+`walk` records every conv, dense and pooling layer and every block in network order by intercepting
+module calls under jax.eval_shape. MACs come from each kernel's and output's shapes: XLA's cost
+analysis skips the padded taps of a conv and comes out ~8% low against the paper's Table 1.
 
-  python -m resnet_jax.summary --config=configs/imagenet_resnet50.py [--json]
+  python -m resnet_jax.summary --config=configs/imagenet_resnet50.py [--json] [--diagram=fig.svg]
 """
 
+import dataclasses
 import json
+import re
+import sys
+from typing import Optional
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import models
+from resnet_jax import cli, diagram, models
+
+_SCANNED = re.compile(r'stage(\d+)_block2to(\d+)')
+_BLOCK = re.compile(r'stage(\d+)_block(\d+)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One conv, dense or pooling layer; a conv's params include those of the BN that follows it."""
+
+  path: str  # module path: 'stage2_block1/conv1'; per block under scan_blocks
+  kind: str  # 'conv' | 'dense' | 'max_pool' | 'avg_pool'
+  kernel: tuple  # window (height, width); () for dense and global pooling
+  stride: int
+  features: int  # output channels
+  shape: tuple  # output of one image: (height, width, channels) or (features,)
+  params: int
+  macs: int
+  block: Optional[str] = None  # the enclosing block's path, 'stage2_block1'
+  branch: str = 'main'  # 'shortcut' for a projection (options B and C)
+
+  @property
+  def label(self):
+    """The paper's name for it (Fig. 3): '3x3 conv, 128, /2', 'pool, /2', 'avg pool', 'fc 1000'."""
+    stride = f', /{self.stride}' if self.stride != 1 else ''
+    if self.kind == 'conv':
+      return f'{self.kernel[0]}x{self.kernel[1]} conv, {self.features}{stride}'
+    if self.kind == 'max_pool':
+      return f'pool{stride}'
+    if self.kind == 'avg_pool':
+      return 'avg pool'
+    return f'fc {self.features}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """A residual (or plain) block: what its shortcut does."""
+
+  path: str
+  stage: int  # 1-based: Table 1's conv{stage + 1}_x
+  input_shape: tuple
+  shape: tuple
+  residual: bool  # has a shortcut (False: the paper's plain counterpart)
+  increase: bool  # the block changes the dimensions (its shortcut subsamples and widens)
+  projection: bool  # the shortcut is a 1x1 conv (option B where dimensions increase, C everywhere)
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A network's layers and blocks in the order the input meets them."""
+
+  name: str
+  input_shape: tuple
+  layers: tuple
+  blocks: tuple
+
+  @property
+  def params(self):
+    return sum(layer.params for layer in self.layers)
+
+  @property
+  def macs(self):
+    return sum(layer.macs for layer in self.layers)
 
 
 def input_shape(config):
@@ -21,20 +87,36 @@ def input_shape(config):
   return (1, size, size, 3)
 
 
-def count(config):
-  """(variables shapes, trainable params, MACs for one image) of `config.model` at the config's image size."""
+_KINDS = (
+  (nn.Conv, 'conv'),
+  (nn.Dense, 'dense'),
+  (models.MaxPool, 'max_pool'),
+  (models.GlobalAvgPool, 'avg_pool'),
+)
+_NORMS = (models.BatchNorm, nn.BatchNorm)
+_RECORDED = tuple(cls for cls, _ in _KINDS) + _NORMS + (models.Block,)
+
+
+def _trace(config):
+  """The variables' shapes and the recorded module calls, once per module path, in call order."""
   model = models.create(config.model)
   image = jax.ShapeDtypeStruct(input_shape(config), jnp.float32)
-  macs = {}  # by module path: nn.scan traces its body (more than once) for all the blocks it stacks
+  calls = {}  # nn.scan traces its body more than once: the first call of a path counts
 
   def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
     module = context.module
-    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
-      kernel = module.variables['params']['kernel']
+    if context.method_name != '__call__' or not isinstance(module, _RECORDED):
+      return next_fun(*args, **kwargs)
+    # Entered before its children, so that a block comes before its layers.
+    call = calls.setdefault(module.path, {'module': module, 'input': args[0].shape[1:]})
+    out = next_fun(*args, **kwargs)
+    call['output'] = out.shape[1:]
+    if not isinstance(module, models.Block):  # a block's variables are its layers'
+      call['params'] = sum(x.size for x in jax.tree.leaves(module.variables.get('params', {})))
+      kernel = module.variables.get('params', {}).get('kernel')
       # Each output element takes prod(kernel window) * in_features / groups multiply-adds.
-      per_output = kernel.size // kernel.shape[-1]
-      macs[module.path] = (per_output * out.size // out.shape[0], kernel.size)
+      per_output = 0 if kernel is None else kernel.size // kernel.shape[-1]
+      call['macs'] = per_output * out.size // out.shape[0]
     return out
 
   def init(x):
@@ -42,39 +124,156 @@ def count(config):
       return model.init(jax.random.key(0), x, train=False)
 
   variables = jax.eval_shape(init, image)
+  return variables, _unscan(calls)
+
+
+def _unscan(calls):
+  """(path, call) pairs; a scanned stage's traced body is repeated for each block it stands for."""
+  out = []
+  done = set()  # scanned modules already repeated
+  for path, call in calls.items():
+    scanned = _SCANNED.fullmatch(path[0]) if path else None
+    if not scanned:
+      out.append((path, call))
+    elif path[0] not in done:
+      done.add(path[0])
+      body = [(p, c) for p, c in calls.items() if p[0] == path[0]]
+      for j in range(2, int(scanned[2]) + 1):
+        out += [((f'stage{scanned[1]}_block{j}',) + p[1:], c) for p, c in body]
+  return out
+
+
+def _stride(strides):
+  if strides is None:
+    return 1
+  return strides if isinstance(strides, int) else strides[0]
+
+
+def _layer(path, call):
+  module = call['module']
+  kind = next(name for cls, name in _KINDS if isinstance(module, cls))
+  if kind == 'conv':
+    kernel, stride = tuple(module.kernel_size), _stride(module.strides)
+  elif kind == 'max_pool':
+    kernel, stride = (module.window, module.window), module.strides
+  else:
+    kernel, stride = (), 1
+  in_block = len(path) > 1 and _BLOCK.fullmatch(path[0])
+  return Layer(
+    path='/'.join(path),
+    kind=kind,
+    kernel=kernel,
+    stride=stride,
+    features=call['output'][-1],
+    shape=tuple(call['output']),
+    params=call['params'],
+    macs=call['macs'],
+    block=path[0] if in_block else None,
+    branch='shortcut' if 'shortcut' in path else 'main',
+  )
+
+
+def _network(name, shape, calls):
+  layers = []
+  block_calls = []
+  for path, call in calls:
+    module = call['module']
+    if isinstance(module, models.Block):
+      block_calls.append((path, call))
+    elif isinstance(module, _NORMS):  # BN belongs to the conv before it
+      layers[-1] = dataclasses.replace(layers[-1], params=layers[-1].params + call['params'])
+    else:
+      layers.append(_layer(path, call))
+  projected = {layer.block for layer in layers if layer.branch == 'shortcut'}
+  blocks = []
+  for path, call in block_calls:
+    block_path = '/'.join(path)
+    blocks.append(
+      Block(
+        path=block_path,
+        stage=int(_BLOCK.fullmatch(path[0])[1]),
+        input_shape=tuple(call['input']),
+        shape=tuple(call['output']),
+        residual=call['module'].residual,
+        increase=tuple(call['input']) != tuple(call['output']),
+        projection=block_path in projected,
+      )
+    )
+  return Network(name=name, input_shape=shape, layers=tuple(layers), blocks=tuple(blocks))
+
+
+def walk(config):
+  """`config.model`'s layers and blocks in network order, for one image of the config's size."""
+  _, calls = _trace(config)
+  return _network(config.get('name', 'model'), input_shape(config)[1:], calls)
+
+
+def count(config):
+  """(variables' shapes, trainable params, MACs for one image) of `config.model`."""
+  variables, calls = _trace(config)
   params = sum(x.size for x in jax.tree.leaves(variables['params']))
-  kernels = flax.traverse_util.flatten_dict(variables['params'])
-  # A scanned kernel is stacked over its blocks: its size over the traced one's is the number of blocks.
-  total = sum(m * (kernels[path + ('kernel',)].size // size) for path, (m, size) in macs.items())
-  return variables, params, total
+  return variables, params, sum(call.get('macs', 0) for _, call in calls)
+
+
+def table(network):
+  """The layers as text: path, what it is, output shape, params and MACs, then the totals."""
+  rows = [('layer', 'type', 'output', 'params', 'MACs')]
+  for layer in network.layers:
+    rows.append(
+      (
+        layer.path,
+        layer.label,
+        'x'.join(map(str, layer.shape)),
+        f'{layer.params:,}',
+        f'{layer.macs:,}',
+      )
+    )
+  rows.append(('total', '', '', f'{network.params:,}', f'{network.macs:,}'))
+  widths = [max(len(row[i]) for row in rows) for i in range(5)]
+  lines = []
+  for row in rows:
+    left = [cell.ljust(width) for cell, width in zip(row[:3], widths)]
+    right = [cell.rjust(width) for cell, width in zip(row[3:], widths[3:])]
+    lines.append('  '.join(left + right))
+  return '\n'.join(lines)
+
+
+def as_json(network):
+  """The network as JSON-ready data: totals, then every layer and block."""
+  return {
+    'model': network.name,
+    'params': network.params,
+    'macs': network.macs,
+    'layers': [dataclasses.asdict(layer) for layer in network.layers],
+    'blocks': [dataclasses.asdict(block) for block in network.blocks],
+  }
 
 
 def main(argv):
-  del argv
+  cli.no_arguments(argv, '--config, --json, --diagram, --collapse and --config.<field>=<value>')
   from absl import flags
 
   config = flags.FLAGS.config
-  variables, params, macs = count(config)
-  name = config.get('name', 'model')
+  network = walk(config)
+  if flags.FLAGS.diagram:
+    diagram.write(network, flags.FLAGS.diagram, collapse=flags.FLAGS.collapse)
+    print(f'wrote {flags.FLAGS.diagram}', file=sys.stderr)
   if flags.FLAGS.json:
-    print(json.dumps({'model': name, 'params': params, 'macs': macs}))
+    print(json.dumps(as_json(network)))
     return
-  from clu import parameter_overview
-
-  print(parameter_overview.get_parameter_overview(variables['params'], include_stats=False))
+  print(table(network))
+  size = f'{input_shape(config)[1]}x{input_shape(config)[2]}'
   print(
-    f'{name}: {params:,} trainable parameters, {macs / 1e9:.3f} G multiply-accumulates per '
-    f'{input_shape(config)[1]}x{input_shape(config)[2]} image'
+    f'{network.name}: {network.params:,} trainable parameters, {network.macs / 1e9:.3f} G '
+    f'multiply-accumulates per {size} image'
   )
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import flags
 
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_bool(
-    'json', False, 'Print {"model", "params", "macs"} as JSON instead of the overview.'
-  )
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.define_config_flag(required=True)
+  flags.DEFINE_bool('json', False, 'Print {"model", "params", "macs", "layers"} as JSON.')
+  flags.DEFINE_string('diagram', None, "Also draw the network as the paper's Fig. 3 into this SVG.")
+  flags.DEFINE_bool('collapse', None, 'Draw runs of identical blocks once; default: when deep.')
+  cli.run(main)

@@ -239,18 +239,22 @@ def test_summary_cli(tmp_path):
       check=True,
     ).stdout
   )
-  assert json.loads(run('--json')) == {
+  report = json.loads(run('--json'))
+  assert {k: report[k] for k in ('model', 'params', 'macs')} == {
     'model': 'cifar10_20',
     'params': 269_722,
     'macs': summary.count(defaults.get_config())[2],
   }
+  assert (
+    len(report['layers']) == 21 and report['layers'][-1]['path'] == 'fc'
+  )  # 20 weighted + avg pool
   overview = run()
-  assert 'stage3_block3/conv2/kernel' in overview and overview.strip().splitlines()[-1].startswith(
+  assert 'stage3_block3/conv2' in overview and overview.strip().splitlines()[-1].startswith(
     'cifar10_20: 269,722 trainable parameters'
   )
 
 
-# Rematerialisation and scanned blocks (issue 6).
+# Rematerialisation and scanned blocks.
 
 
 def _train_step(config, params, batch_stats, batch=4):

@@ -138,9 +138,8 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path
 
 def test_nonfinite_loss_stops_naming_the_step_and_writes_no_nan_checkpoint(tmp_path):
   config = small_run(train__num_steps=10, train__checkpoint_every_steps=1, train__log_every_steps=1)
-  config.optimizer.learning_rate = (
-    1e38  # the first update is finite but huge; the next forward pass is not
-  )
+  # the first update is finite but huge; the next forward pass is not
+  config.optimizer.learning_rate = 1e38
   with pytest.raises(train.Diverged) as err:
     train.train_and_evaluate(config, str(tmp_path))
   message = str(err.value)

@@ -1,0 +1,397 @@
+"""Released ResNet weights as this codebase's variables: torchvision's and the paper's Caffe models.
+
+Pure conversions, NumPy in and out. Each returns the `config.model` fields the weights need (the two
+sources differ in where a bottleneck strides and in the stem's pool alignment) and the variables
+{'params', 'batch_stats'} of `models.create` with those fields. PREPROCESSING says what input each
+source's network expects; `preprocess` is its NumPy reference.
+"""
+
+import os
+import re
+
+import numpy as np
+from google.protobuf import message
+
+from resnet_jax import caffe_proto, models
+
+DEPTHS = tuple(sorted(models.IMAGENET_STAGES))
+CAFFE_DEPTHS = (50, 101, 152)  # the released models
+BN_EPSILON = 1e-5  # torchvision's and Caffe's BatchNorm default, as models.BatchNorm
+
+PREPROCESSING = {
+  # torchvision.transforms: ToTensor (RGB in [0, 1]), then Normalize(mean, std).
+  'torchvision': {
+    'channel_order': 'rgb',
+    'scale': 1 / 255,
+    'mean': (0.485, 0.456, 0.406),
+    'std': (0.229, 0.224, 0.225),
+    'mean_image': False,
+  },
+  # Caffe: pixels in 0..255 minus the per-pixel mean image (mean_image_from_binaryproto); BGR in
+  # the files, RGB here because from_caffe reverses conv1's input channels.
+  'caffe': {
+    'channel_order': 'rgb',
+    'scale': 1.0,
+    'mean': (0.0, 0.0, 0.0),
+    'std': (1.0, 1.0, 1.0),
+    'mean_image': True,
+  },
+}
+
+
+class ConversionError(ValueError):
+  """Weights that do not fit the network asked for; the message names the problem and the fix."""
+
+
+def preprocess(images, spec, mean_image=None):
+  """float32 NHWC network input from uint8 RGB images [N, H, W, 3] as `spec` (PREPROCESSING)."""
+  x = np.asarray(images, np.float32)
+  if spec['channel_order'] == 'bgr':
+    x = x[..., ::-1]
+  if spec['mean_image']:
+    if mean_image is None or np.shape(mean_image) != x.shape[1:]:
+      got = None if mean_image is None else np.shape(mean_image)
+      raise ValueError(
+        f'These weights need a mean image of shape {x.shape[1:]}, got {got}: pass '
+        "mean_image_from_binaryproto() of the images' crop size."
+      )
+    x = x - np.asarray(mean_image, np.float32)
+  x = x * np.float32(spec['scale'])
+  mean = np.asarray(spec['mean'], np.float32)
+  std = np.asarray(spec['std'], np.float32)
+  return ((x - mean) / std).astype(np.float32)
+
+
+def load_state_dict(path):
+  """{name: array} of a torch.save'd state_dict (.pth); torch is needed only here."""
+  import pickle
+
+  import torch
+
+  try:
+    state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    raise ConversionError(
+      f'{path} is not a PyTorch file ({type(e).__name__}): pass a .pth written '
+      'by torch.save(model.state_dict()).'
+    ) from e
+  if not isinstance(state_dict, dict):
+    raise ConversionError(
+      f'{path} holds a {type(state_dict).__name__}, not a state_dict: pass a '
+      '.pth written by torch.save(model.state_dict()).'
+    )
+  return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+
+
+def _layout(depth):
+  """(module path, kind, source shapes) of every layer of the option-B ImageNet ResNet, in order.
+
+  Shapes are the sources' (conv OIHW, fc (out, in)); None is a dimension the weights decide.
+  """
+  stages, bottleneck = models.IMAGENET_STAGES[depth]
+  layers = [(('stem_conv',), 'conv', (64, 3, 7, 7)), (('stem_bn',), 'bn', 64)]
+  in_features = 64
+  for i, blocks in enumerate(stages):
+    width = 64 * 2**i
+    out_features = 4 * width if bottleneck else width
+    for j in range(1, blocks + 1):
+      block = f'stage{i + 1}_block{j}'
+      if bottleneck:
+        convs = ((width, in_features, 1, 1), (width, width, 3, 3), (out_features, width, 1, 1))
+      else:
+        convs = ((width, in_features, 3, 3), (width, width, 3, 3))
+      for k, shape in enumerate(convs, 1):
+        layers += [((block, f'conv{k}'), 'conv', shape), ((block, f'bn{k}'), 'bn', shape[0])]
+      if in_features != out_features or (j == 1 and i > 0):
+        layers += [
+          ((block, 'shortcut', 'proj_conv'), 'conv', (out_features, in_features, 1, 1)),
+          ((block, 'shortcut', 'proj_bn'), 'bn', out_features),
+        ]
+      in_features = out_features
+  layers.append((('fc',), 'fc', (None, in_features)))
+  return layers
+
+
+def _depth_of(stage_sizes, bottleneck):
+  for depth, layout in models.IMAGENET_STAGES.items():
+    if layout == (tuple(stage_sizes), bottleneck):
+      return depth
+  return None
+
+
+def _fix(depth, inferred):
+  if inferred is not None and inferred != depth:
+    return f'pass --depth={inferred}'
+  return f'pass weights of a ResNet-{depth}'
+
+
+def _fits(shape, want):
+  return len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
+
+
+def _check(name, array, want, depth, inferred):
+  if not _fits(array.shape, want):
+    want_text = str(want).replace('None', 'any')
+    raise ConversionError(
+      f"The weights' {name} has shape {array.shape} where ResNet-{depth} "
+      f'needs {want_text}: {_fix(depth, inferred)}.'
+    )
+  return array
+
+
+def _assemble(depth, inferred, fetch):
+  """{'params', 'batch_stats'} from fetch(path, kind) -> [(source name, array)] in the order
+  conv: (weight OIHW,), bn: (scale, bias, mean, var), fc: (weight (out, in), bias)."""
+  params, batch_stats = {}, {}
+  num_classes = None
+  for path, kind, shape in _layout(depth):
+    named = fetch(path, kind)
+    if kind == 'conv':
+      wants = [shape]
+    elif kind == 'bn':
+      wants = [(shape,)] * 4
+    else:
+      wants = [shape, (None,)]
+    arrays = [
+      _check(name, np.asarray(a, np.float32), want, depth, inferred)
+      for (name, a), want in zip(named, wants)
+    ]
+    if kind == 'conv':
+      leaves = {'params': {'kernel': arrays[0].transpose(2, 3, 1, 0)}}
+    elif kind == 'bn':
+      scale, bias, mean, var = arrays
+      leaves = {'params': {'scale': scale, 'bias': bias}, 'batch_stats': {'mean': mean, 'var': var}}
+    else:
+      weight, bias = arrays
+      if bias.shape != weight.shape[:1]:
+        _check(named[1][0], bias, weight.shape[:1], depth, inferred)
+      num_classes = weight.shape[0]
+      leaves = {'params': {'kernel': weight.T, 'bias': bias}}
+    for collection, values in leaves.items():
+      node = params if collection == 'params' else batch_stats
+      for key in path:
+        node = node.setdefault(key, {})
+      node.update({k: np.ascontiguousarray(v, np.float32) for k, v in values.items()})
+  return {'params': params, 'batch_stats': batch_stats}, num_classes
+
+
+def _check_depth(depth, allowed, source):
+  if depth not in allowed:
+    depths = ', '.join(map(str, allowed))
+    raise ConversionError(f'{source} ResNets have depth {depths}, got {depth!r}: pass one of them.')
+
+
+def _check_unused(names, used, depth, inferred):
+  unused = [name for name in names if name not in used]
+  if unused:
+    raise ConversionError(
+      f'The weights have a layer {unused[0]} that ResNet-{depth} does not '
+      f'have: {_fix(depth, inferred)}.'
+    )
+
+
+# torchvision.models.resnet: layer{i}.{j} is our stage{i}_block{j + 1}; downsample the projection.
+_TORCH_BLOCK = re.compile(r'layer(\d)\.(\d+)\.conv1\.weight')
+_TORCH_PARTS = {'proj_conv': 'downsample.0', 'proj_bn': 'downsample.1'}
+
+
+def _torch_name(path):
+  if path[0] in ('stem_conv', 'stem_bn'):
+    return 'conv1' if path[0] == 'stem_conv' else 'bn1'
+  if path[0] == 'fc':
+    return 'fc'
+  stage, block = re.fullmatch(r'stage(\d)_block(\d+)', path[0]).groups()
+  parts = [_TORCH_PARTS.get(part, part) for part in path[1:] if part != 'shortcut']
+  return '.'.join([f'layer{stage}', str(int(block) - 1), *parts])
+
+
+def from_torchvision(state_dict, depth):
+  """(config.model overrides, variables) of a torchvision ResNet's state_dict {name: array|tensor}.
+
+  torchvision strides a bottleneck's 3x3 ("v1.5") and projects shortcuts where shapes change (B).
+  """
+  _check_depth(depth, DEPTHS, 'torchvision')
+  if not hasattr(state_dict, 'items'):
+    raise ConversionError(
+      f'A {type(state_dict).__name__} is not a state_dict: pass '
+      'model.state_dict() or load_state_dict(path).'
+    )
+  arrays = {}
+  for key, value in state_dict.items():
+    if isinstance(key, str) and key.endswith('num_batches_tracked'):
+      continue
+    if hasattr(value, 'detach'):  # a torch tensor
+      value = value.detach().cpu().numpy()
+    arrays[key.removeprefix('module.') if isinstance(key, str) else key] = value
+  if 'conv1.weight' not in arrays:
+    nested = [k for k in ('state_dict', 'model') if hasattr(state_dict.get(k), 'items')]
+    where = f"checkpoint['{nested[0]}']" if nested else 'the state_dict of a torchvision ResNet'
+    raise ConversionError(f'The state_dict has no conv1.weight: pass {where}.')
+  blocks = {}
+  for key in arrays:
+    m = _TORCH_BLOCK.fullmatch(key)
+    if m:
+      blocks[int(m[1])] = blocks.get(int(m[1]), 0) + 1
+  inferred = _depth_of([blocks.get(i, 0) for i in range(1, 5)], 'layer1.0.conv3.weight' in arrays)
+  used = set()
+
+  def get(name):
+    if name not in arrays:
+      raise ConversionError(
+        f'The weights have no layer {name} that ResNet-{depth} needs: {_fix(depth, inferred)}.'
+      )
+    used.add(name)
+    return name, arrays[name]
+
+  def fetch(path, kind):
+    name = _torch_name(path)
+    if kind == 'conv':
+      return [get(f'{name}.weight')]
+    if kind == 'bn':
+      return [get(f'{name}.{p}') for p in ('weight', 'bias', 'running_mean', 'running_var')]
+    return [get(f'{name}.weight'), get(f'{name}.bias')]
+
+  variables, num_classes = _assemble(depth, inferred, fetch)
+  _check_unused(arrays, used, depth, inferred)
+  overrides = {
+    'family': 'imagenet',
+    'depth': depth,
+    'residual': True,
+    'shortcut': 'B',
+    'stride_on_3x3': True,
+    'num_classes': num_classes,
+    'stem_pool': 'symmetric',
+  }
+  return overrides, variables
+
+
+# The released Caffe models: res{stage}{block}_branch1 (projection), _branch2a/b/c (the bottleneck's
+# convs), each followed by bn... (BatchNorm: mean, variance, scale factor), scale... (gamma, beta).
+_CAFFE_BLOCK = re.compile(r'res(\d)([a-z]\d*)_branch2a')
+
+
+def _caffe_block(depth, stage, block):
+  """ResNet-50 letters its blocks (res3a..res3d); 101 and 152 go a, b1, b2, ... where a stage has
+  more than three."""
+  blocks = models.IMAGENET_STAGES[depth][0][stage - 1]
+  if block == 1:
+    return f'{stage + 1}a'
+  if depth > 50 and blocks > 3:
+    return f'{stage + 1}b{block - 1}'
+  return f'{stage + 1}{chr(ord("a") + block - 1)}'
+
+
+def _caffe_names(depth, path):
+  """(conv or fc layer, BatchNorm layer, Scale layer) names of a module path."""
+  if path[0] in ('stem_conv', 'stem_bn'):
+    return 'conv1', 'bn_conv1', 'scale_conv1'
+  if path[0] == 'fc':
+    return 'fc1000', None, None
+  stage, block = map(int, re.fullmatch(r'stage(\d)_block(\d+)', path[0]).groups())
+  suffix = 'branch1' if path[1] == 'shortcut' else f'branch2{"abc"[int(path[1][-1]) - 1]}'
+  name = f'{_caffe_block(depth, stage, block)}_{suffix}'
+  return f'res{name}', f'bn{name}', f'scale{name}'
+
+
+def _read_bytes(source):
+  if isinstance(source, (bytes, bytearray, memoryview)):
+    return bytes(source), 'The data'
+  with open(os.fspath(source), 'rb') as f:
+    return f.read(), os.fspath(source)
+
+
+def from_caffe(net_param, depth):
+  """(config.model overrides, variables) of a released Caffe ResNet (.caffemodel path or bytes).
+
+  Caffe strides a bottleneck's first 1x1 (the paper), projects when shapes change (option B), pools
+  its stem without padding (stem_pool='caffe') and reads BGR: conv1's input channels are reversed
+  here, so the network takes RGB minus the mean image.
+  """
+  _check_depth(depth, CAFFE_DEPTHS, 'Released Caffe')
+  data, what = _read_bytes(net_param)
+  try:
+    layers = caffe_proto.layer_blobs(caffe_proto.read_net(data))
+  except (message.DecodeError, ValueError):
+    layers = {}
+  if not layers:
+    text = data[:4096].isascii() and b'\0' not in data[:4096]
+    problem = 'but a text file (a .prototxt?)' if text else '(no NetParameter with weights)'
+    raise ConversionError(
+      f'{what} is not a .caffemodel {problem}: pass the binary weights file '
+      '(.caffemodel) of a released ResNet.'
+    )
+  blocks = {}
+  for name in layers:
+    m = _CAFFE_BLOCK.fullmatch(name)
+    if m:
+      blocks[int(m[1])] = blocks.get(int(m[1]), 0) + 1
+  inferred = _depth_of([blocks.get(i, 0) for i in range(2, 6)], True)
+  used = set()
+
+  def get(name, count):
+    if name not in layers:
+      raise ConversionError(
+        f'The weights have no layer {name} that ResNet-{depth} needs: {_fix(depth, inferred)}.'
+      )
+    if len(layers[name]) not in count:
+      raise ConversionError(
+        f"The weights' layer {name} has {len(layers[name])} blobs where a "
+        f'ResNet-{depth} has {" or ".join(map(str, count))}: pass the released '
+        "model's .caffemodel."
+      )
+    used.add(name)
+    return layers[name]
+
+  def fetch(path, kind):
+    conv, bn, scale = _caffe_names(depth, path)
+    if kind == 'conv':
+      weight = get(conv, (1,))[0]
+      if path == ('stem_conv',) and weight.ndim == 4:
+        weight = weight[:, ::-1]  # BGR -> RGB
+      return [(conv, weight)]
+    if kind == 'fc':
+      weight, bias = get(conv, (2,))
+      if weight.ndim == 4:  # the legacy 4-D shape (1, 1, out, in)
+        weight = weight.reshape(weight.shape[-2:])
+      return [(conv, weight), (conv, bias)]
+    mean, var, factor = get(bn, (3,))
+    gamma_beta = get(scale, (1, 2))
+    # Caffe's BatchNorm stores running sums and their weight: the statistics are the ratio (0 if 0).
+    factor = float(np.asarray(factor).ravel()[0]) if np.size(factor) else 0.0
+    inverse = 0.0 if factor == 0 else 1.0 / factor
+    beta = gamma_beta[1] if len(gamma_beta) > 1 else np.zeros_like(gamma_beta[0])
+    return [
+      (scale, gamma_beta[0].ravel()),
+      (scale, beta.ravel()),
+      (bn, mean.ravel() * inverse),
+      (bn, var.ravel() * inverse),
+    ]
+
+  variables, num_classes = _assemble(depth, inferred, fetch)
+  _check_unused(layers, used, depth, inferred)
+  overrides = {
+    'family': 'imagenet',
+    'depth': depth,
+    'residual': True,
+    'shortcut': 'B',
+    'stride_on_3x3': False,
+    'num_classes': num_classes,
+    'stem_pool': 'caffe',
+  }
+  return overrides, variables
+
+
+def mean_image_from_binaryproto(blob_proto):
+  """The released models' mean image (a BlobProto 1x3xHxW, BGR, 0..255) as float32 [H, W, 3] RGB."""
+  data, what = _read_bytes(blob_proto)
+  fix = 'pass the mean .binaryproto released with the models (ResNet_mean.binaryproto)'
+  try:
+    blob = caffe_proto.BlobProto.FromString(data)
+    array = caffe_proto.blob_to_array(blob)
+  except (message.DecodeError, ValueError) as e:
+    raise ConversionError(f'{what} is not a BlobProto ({type(e).__name__}): {fix}.') from e
+  if array.ndim == 4 and array.shape[0] == 1:
+    array = array[0]
+  if array.ndim != 3 or array.shape[0] != 3 or array.size == 0:
+    raise ConversionError(f'{what} holds a blob of shape {array.shape}, not a colour image: {fix}.')
+  return np.ascontiguousarray(array.transpose(1, 2, 0)[..., ::-1], np.float32)
