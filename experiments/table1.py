@@ -3,7 +3,6 @@
 python experiments/table1.py   # writes experiments/results/table1.md
 """
 
-import datetime
 import pathlib
 import sys
 
@@ -11,6 +10,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from resnet_jax import defaults, summary
+
+OUT = ROOT / 'experiments' / 'results' / 'table1.md'
 
 PAPER_GFLOPS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}  # Table 1, multiply-adds x10^9
 PAPER_CIFAR_PARAMS = {
@@ -41,11 +42,12 @@ def rows(names):
     yield name, config, params, macs
 
 
-def main():
+def render() -> str:
+  """The whole of results/table1.md."""
   lines = [
     '# Network sizes against the paper',
     '',
-    f'Written by `python experiments/table1.py` on {datetime.date.today()}. Parameters are trainable '
+    'Written by `python experiments/table1.py`. Parameters are trainable '
     'ones (BN scale and bias included, running statistics not); multiply-adds are those of the convs '
     "and the dense layer for one image, counted from the layers' shapes.",
     '',
@@ -73,10 +75,13 @@ def main():
     lines.append(
       f'| {name} | {params:,} | {macs / 1e9:.3f} | {PAPER_CIFAR_PARAMS[config.model.depth]} |'
     )
-  out = ROOT / 'experiments' / 'results' / 'table1.md'
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text('\n'.join(lines) + '\n')
-  print(out.read_text())
+  return '\n'.join(lines) + '\n'
+
+
+def main():
+  OUT.parent.mkdir(parents=True, exist_ok=True)
+  OUT.write_text(render())
+  print(OUT.read_text())
 
 
 if __name__ == '__main__':

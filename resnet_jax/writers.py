@@ -1,6 +1,6 @@
 """Where metrics go: TensorBoard (clu, when TensorFlow is importable), the console, and metrics.jsonl.
 
-clu's metric writers import TensorFlow, which the lent GPU machines do not have; without it the run logs to
+clu's metric writers import TensorFlow, which a JAX-only machine may not have; without it the run logs to
 the console and metrics.jsonl only, and says so once. metrics.jsonl gets one JSON object per logged step and
 split: {"step", "split", <metrics>}, the source of the plots in experiments/.
 """

@@ -8,10 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO
 from helpers import as_flags, checkpoint_steps, run_cli, small_run
 
 from resnet_jax import train
+
+pytestmark = pytest.mark.slow  # CLI runs and training on the real CIFAR copy
 
 
 def test_cli_run_on_real_cifar_writes_everything(tmp_path, cifar_folder, cifar_cache_dir):
@@ -66,7 +69,7 @@ def test_learns_real_cifar(tmp_path, cifar_folder, cifar_cache_dir):
 
 
 def test_trains_without_tensorflow(tmp_path):
-  """The lent GPU machines have no TensorFlow: the model, the step and the writers must do without it."""
+  """A JAX-only machine may have no TensorFlow: the model, the step and the writers must do without it."""
   code = f"""
 import sys
 sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None  # any import of them fails

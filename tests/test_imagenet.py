@@ -167,6 +167,7 @@ def test_multiscale_averages_scales_and_flips(imagenet_sample_folder, tmp_path):
   assert result['count'] == 9 and 0 <= result['top5_error'] <= result['top1_error'] <= 1
 
 
+@pytest.mark.slow
 def test_evaluate_cli_refuses_ten_crops_of_cifar(tmp_path):
   import subprocess
   import sys
@@ -235,9 +236,10 @@ def test_plateau_rule():
   ) == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_resnet18_memorises_the_sample(imagenet_sample_folder, tmp_path):
-  """The paper's ImageNet pipeline and loop at a 32-pixel crop (a CPU budget; the 112-pixel run is in the
-  closing note of the ImageNet issue): 60 steps cut the training loss by >= 30%."""
+  """The paper's ImageNet pipeline and loop at a 32-pixel crop (a CPU budget; experiments/README.md has a
+  112-pixel run): 60 steps cut the training loss by >= 30%."""
   config = _config(
     imagenet_sample_folder,
     tmp_path / 'cache',

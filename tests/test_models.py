@@ -2,7 +2,6 @@
 
 import functools
 import re
-import time
 
 import flax.linen as nn
 import jax
@@ -223,6 +222,7 @@ def test_invalid_requests_fail_with_one_sentence(overrides, message):
   assert message in str(err.value) and '\n' not in str(err.value)
 
 
+@pytest.mark.slow
 def test_summary_cli(tmp_path):
   import json
   import subprocess
@@ -364,7 +364,7 @@ def test_scanned_blocks_match_the_unscanned_net(overrides):
   assert models.unstack_blocks(params).keys() == variables['params'].keys()
 
 
-def test_resnet1202_scanned_train_step_compiles_in_flat_time(record_property):
+def test_resnet1202_scanned_train_step_is_resnet110s_program():
   """ResNet-1202 (200 blocks a stage) lowers to ResNet-110's program but for loop counts and axis sizes."""
 
   def lower(depth):
@@ -382,13 +382,8 @@ def test_resnet1202_scanned_train_step_compiles_in_flat_time(record_property):
     return step.lower(variables['params'], variables['batch_stats'], x)
 
   program = lambda lowered: re.sub(r'\d+', '#', lowered.as_text())
-  lowered = lower(1202)
-  assert program(lowered) == program(lower(110))
-  start = time.perf_counter()
-  lowered.compile()  # on a rerun, a load from the tests' persistent compilation cache
-  seconds = time.perf_counter() - start
-  record_property('resnet1202_compile_or_cache_load_s', round(seconds, 1))
-  print(f'ResNet-1202 (scan_blocks, remat) train step: compiled or loaded in {seconds:.1f} s')
+  # So the compile time does not grow with depth: the compiler sees the same program.
+  assert program(lower(1202)) == program(lower(110))
 
 
 @pytest.mark.parametrize('family,depth', [('cifar', 110), ('imagenet', 50)])

@@ -1,7 +1,7 @@
 """Two processes on one machine (loopback, gloo collectives, 2 CPU devices each) train as one with 4 devices.
 
 The processes run the real CLI (`resnet_jax.main` with --coordinator_address, --num_processes, --process_id);
-TensorFlow is kept out of them, as on the lent GPU machines, since importing it would cost each one seconds.
+TensorFlow is kept out of them, as on a JAX-only machine, since importing it would cost each one seconds.
 """
 
 import json
@@ -15,10 +15,13 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from conftest import REPO
 from helpers import as_flags, checkpoint_steps, small_run
 
 from resnet_jax import models, optim, parallel, train, writers
+
+pytestmark = pytest.mark.slow  # two CLI processes against one
 
 TIMEOUT = 300  # seconds for both processes together; both are killed past it or when either fails
 _MAIN = (

@@ -3,7 +3,10 @@
 import jax
 import nbclient
 import nbformat
+import pytest
 from conftest import REPO, SHARED_DATA
+
+pytestmark = pytest.mark.slow  # the whole notebook
 
 NOTEBOOK = REPO / 'experiments' / 'colab.ipynb'
 

@@ -6,6 +6,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import REPO
 from jax.sharding import PartitionSpec as P
 
@@ -81,6 +82,7 @@ def test_every_image_exactly_once_per_epoch():
   assert not np.array_equal(epochs[0], epochs[1])  # each epoch has its own order
 
 
+@pytest.mark.slow
 def test_no_tensorflow():
   code = """
 import sys

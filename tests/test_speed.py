@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from test_train import random_batch, state_and_steps, tiny_config
 
 from resnet_jax import parallel, precision
@@ -88,6 +89,7 @@ def test_float16_loss_scaling_skips_overflows_and_counts_them():
   assert moved > 1e-4
 
 
+@pytest.mark.slow
 def test_on_device_data_with_steps_per_dispatch_trains_as_the_host_path(tmp_path):
   """The whole loop: on-device batches, 3 steps per call, equal to host batches one step at a time."""
   from helpers import small_run

@@ -286,9 +286,9 @@ def _decode_chunk(items, size: int) -> np.ndarray:
 
 
 def _decode_files(items, size: int) -> np.ndarray:
-  """Decodes in worker processes when that pays, since PIL holds the GIL: 1.9x on 2 idle cores.
+  """Decodes in worker processes when that pays, since PIL holds the GIL.
 
-  Only idle cores count: with another job busy, 2 workers on 2 cores were 1.4x slower than one process.
+  Only idle cores count: worker processes competing with another busy job are slower than one process.
   """
   workers = min(len(os.sched_getaffinity(0)) - round(os.getloadavg()[0]), 16)
   if len(items) < 5000 or workers < 2:
