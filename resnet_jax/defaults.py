@@ -52,8 +52,10 @@ def get_config():
   # True: dataset on the accelerator, augmentation inside the compiled step
   config.data.on_device = False
   config.data.val_split = 0  # >0: hold out this many training images and evaluate on them (45k/5k)
-  config.data.train_limit = 0  # >0: train on a fixed subset of this many images (debugging, tests)
-  config.data.eval_limit = 0  # >0: evaluate on the first this many images
+  # >0: a fixed, seeded random subset of this many training / evaluation images (debugging, tests); a
+  # sample, not the first files, so that a sorted folder's classes are all represented.
+  config.data.train_limit = 0
+  config.data.eval_limit = 0
   config.data.prefetch = 2  # batches placed on devices ahead of the step
 
   config.train = ml_collections.ConfigDict()
@@ -76,12 +78,15 @@ def get_config():
   config.optimizer.learning_rate = 0.1
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 1e-4
-  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g, w -= lr*v
+  # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g, w -= lr*v | 'dampened': v = m*v + (1-m)*lr*g
   config.optimizer.momentum_style = 'caffe'
-  #                                            | 'dampened': v = m*v + (1-m)*lr*g
   # 'steps': decay at `boundaries` | 'plateau': when the held-out error stalls
   config.optimizer.schedule = 'steps'
   config.optimizer.boundaries = (32_000, 48_000)  # iterations where the lr is multiplied by decay
+  # 'steps': `boundaries` are iterations (the paper's configs) | 'fractions': the lr drops at
+  # `boundary_fractions` of train.num_steps (the paper's 32k and 48k of 64k), for shortened runs.
+  config.optimizer.boundaries_at = 'steps'
+  config.optimizer.boundary_fractions = (0.5, 0.75)
   config.optimizer.decay = 0.1
   # schedule='plateau': decay after this many evaluations in a row without the held-out error falling more
   # than plateau_threshold (a fraction: 0.001 = 0.1 points) below its best.

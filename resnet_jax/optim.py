@@ -13,10 +13,12 @@ boundaries instead (e.g. epochs 30, 60, 90) so the two can be compared.
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 MOMENTUM_STYLES = ('caffe', 'pytorch', 'dampened')
+BOUNDARIES_AT = ('steps', 'fractions')
 SCHEDULES = ('steps', 'plateau')
 
 
@@ -72,6 +74,15 @@ def create(opt_config) -> optax.GradientTransformation:
     return optax.chain(decay, optax.trace(opt_config.momentum), optax.scale(-learning_rate))
 
   return optax.inject_hyperparams(sgd)(learning_rate=opt_config.learning_rate)
+
+
+def resolve_boundaries(opt_config, num_steps: int):
+  """A copy of `opt_config` whose `boundaries` are iterations, whichever way the config gives them."""
+  resolved = ml_collections.ConfigDict(opt_config.to_dict())
+  if opt_config.boundaries_at == 'fractions':
+    resolved.boundaries = tuple(int(round(f * num_steps)) for f in opt_config.boundary_fractions)
+    resolved.boundaries_at = 'steps'
+  return resolved
 
 
 def learning_rate(opt_config, step, warmup_done, plateau_drops=0):

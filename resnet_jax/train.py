@@ -178,13 +178,15 @@ def compile_steps(config, model, tx, mesh, data=None):
   (on_device.put), the step takes on_device.step_arrays instead of images and makes its batches itself.
   """
 
+  opt_config = optim.resolve_boundaries(config.optimizer, config.train.num_steps)
+
   def step(s, b):
     return train_step(
       s,
       b,
       model=model,
       tx=tx,
-      opt_config=config.optimizer,
+      opt_config=opt_config,
       skip_nonfinite=config.train.on_nonfinite == 'skip',
       scale_loss=precision.dynamic(config.model),
     )
@@ -353,6 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   device_data, host = host_batches(ds, config, mesh, start_step)
   train_fn, eval_fn = compile_steps(config, model, tx, mesh, device_data)
   batches = parallel.prefetch(host, mesh, config.data.prefetch)
+  for warning in validate.warnings(config):
+    logging.warning(warning)
   logging.info(
     'Training %s from step %d to %d on %d devices.',
     config.name,

@@ -35,6 +35,19 @@ def check(config, device_count=None, process_count=1):
     f'optimizer.boundaries must be increasing steps, got {tuple(opt.boundaries)}.',
   )
   _require(
+    opt.boundaries_at in optim.BOUNDARIES_AT,
+    f'optimizer.boundaries_at must be one of {optim.BOUNDARIES_AT}, got {opt.boundaries_at!r}.',
+  )
+  _require(
+    opt.boundaries_at == 'steps'
+    or (
+      list(opt.boundary_fractions) == sorted(opt.boundary_fractions)
+      and all(0 < f < 1 for f in opt.boundary_fractions)
+    ),
+    f'optimizer.boundary_fractions must be increasing fractions in (0, 1), got '
+    f'{tuple(opt.boundary_fractions)}.',
+  )
+  _require(
     opt.schedule in optim.SCHEDULES,
     f'optimizer.schedule must be one of {optim.SCHEDULES}, got {opt.schedule!r}.',
   )
@@ -142,3 +155,17 @@ def check(config, device_count=None, process_count=1):
       train[field] % process_count == 0,
       f'train.{field}={train[field]} is not divisible by the {process_count} processes.',
     )
+
+
+def warnings(config) -> list[str]:
+  """Settings that run but probably not as meant; one sentence each, logged when training starts."""
+  opt, num_steps = config.optimizer, config.train.num_steps
+  found = []
+  late = [b for b in opt.boundaries if b >= num_steps]
+  if opt.schedule == 'steps' and opt.boundaries_at == 'steps' and late:
+    found.append(
+      f'optimizer.boundaries {tuple(late)} lie at or beyond train.num_steps={num_steps}, so the lr '
+      f'never drops there; for a shortened run set --config.optimizer.boundaries_at=fractions (the lr '
+      f'drops at {tuple(opt.boundary_fractions)} of the run).'
+    )
+  return found

@@ -1,5 +1,6 @@
 """Small runs shared by the end-to-end tests: a ResNet-8 config, its CLI flags, the CLI, checkpoints."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from conftest import REPO
+from PIL import Image
 
 from resnet_jax import defaults
 
@@ -77,3 +79,19 @@ def assert_same_checkpoints(workdir_a, workdir_b):
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(leaves_a) == len(leaves_b) > 0
   assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+
+
+def write_image_folder(
+  root, classes=('zebra', 'apple', 'mango'), per_class=(3, 2), fmt='png', seed=0
+):
+  """Writes random 32x32 images to root/{train,test}/<class>/; returns {relative path: pixels}."""
+  rng, pixels = np.random.default_rng(seed), {}
+  for split, count in zip(('train', 'test'), per_class):
+    for c in classes:
+      os.makedirs(os.path.join(root, split, c))
+      for i in range(count):
+        x = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        rel = f'{split}/{c}/{i:04d}.{fmt}'
+        Image.fromarray(x).save(os.path.join(root, rel))
+        pixels[rel] = x
+  return pixels

@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers import write_image_folder
 from PIL import Image
 
 from resnet_jax import data, defaults, validate
@@ -242,20 +243,6 @@ def test_unknown_source_and_dataset():
       validate.check(config)
 
 
-def _write_folder(root, classes=('zebra', 'apple', 'mango'), per_class=(3, 2), fmt='png', seed=0):
-  """Writes random 32x32 images to root/{train,test}/<class>/; returns {relative path: pixels}."""
-  rng, pixels = np.random.default_rng(seed), {}
-  for split, count in zip(('train', 'test'), per_class):
-    for c in classes:
-      os.makedirs(os.path.join(root, split, c))
-      for i in range(count):
-        x = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        rel = f'{split}/{c}/{i:04d}.{fmt}'
-        Image.fromarray(x).save(os.path.join(root, rel))
-        pixels[rel] = x
-  return pixels
-
-
 def _expected_folder(pixels, split):
   classes = sorted({rel.split('/')[1] for rel in pixels})
   rels = sorted(
@@ -265,7 +252,7 @@ def _expected_folder(pixels, split):
 
 
 def test_image_folder_pixels_and_class_order(tmp_path):
-  pixels = _write_folder(tmp_path / 'data')
+  pixels = write_image_folder(tmp_path / 'data')
   gray = np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8)  # converted to RGB
   Image.fromarray(gray).save(tmp_path / 'data/train/apple/0003.png')
   pixels['train/apple/0003.png'] = np.repeat(gray[..., None], 3, axis=-1)
@@ -286,7 +273,7 @@ def test_image_folder_pixels_and_class_order(tmp_path):
 
 
 def test_image_folder_cache_reused_and_invalidated(tmp_path, monkeypatch):
-  pixels = _write_folder(tmp_path / 'data')
+  pixels = write_image_folder(tmp_path / 'data')
   cfg = _config(
     source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache')
   )
@@ -317,7 +304,7 @@ def test_image_folder_cache_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 def test_image_folder_tar_gz(tmp_path):
-  pixels = _write_folder(tmp_path / 'data' / 'mycopy', fmt='png')
+  pixels = write_image_folder(tmp_path / 'data' / 'mycopy', fmt='png')
   archive = tmp_path / 'mycopy.tar.gz'
   with tarfile.open(archive, 'w:gz') as f:
     f.add(tmp_path / 'data' / 'mycopy', arcname='mycopy')
@@ -340,7 +327,7 @@ def test_image_folder_tar_gz(tmp_path):
 
 
 def test_image_folder_bad_files(tmp_path):
-  _write_folder(tmp_path / 'data', fmt='jpg')
+  write_image_folder(tmp_path / 'data', fmt='jpg')
   cfg = _config(
     source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache')
   )
@@ -393,7 +380,7 @@ def test_tfds_offline_fails_fast(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_works_without_tensorflow(tmp_path):
   """A JAX-only machine may have no TensorFlow: importing and the non-tfds sources must not need it."""
-  _write_folder(tmp_path / 'data')
+  write_image_folder(tmp_path / 'data')
   code = f"""
 import sys
 sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None  # any import of them fails
