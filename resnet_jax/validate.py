@@ -20,7 +20,13 @@ def _require(ok, message):
 def check(config, device_count=None, process_count=1):
   """Raises ConfigError for the first invalid field (device counts checked when given; models.create checks
   the model section)."""
-  opt, train, data = config.optimizer, config.train, config.data
+  _check_optimizer(config.optimizer)
+  _check_train(config.train)
+  _check_data(config.data)
+  _check_devices(config, device_count, process_count)
+
+
+def _check_optimizer(opt):
   _require(
     opt.learning_rate > 0, f'optimizer.learning_rate must be positive, got {opt.learning_rate}.'
   )
@@ -63,6 +69,9 @@ def check(config, device_count=None, process_count=1):
     opt.warmup_learning_rate >= 0,
     f'optimizer.warmup_learning_rate must be >= 0 (0 = no warm-up), got {opt.warmup_learning_rate}.',
   )
+
+
+def _check_train(train):
   for field in (
     'batch_size',
     'eval_batch_size',
@@ -91,6 +100,9 @@ def check(config, device_count=None, process_count=1):
     train.on_nonfinite in ('stop', 'skip'),
     f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}.",
   )
+
+
+def _check_data(data):
   _require(
     data.source in data_lib.SOURCES,
     f'data.source must be one of {data_lib.SOURCES}, got {data.source!r}.',
@@ -132,6 +144,10 @@ def check(config, device_count=None, process_count=1):
       f'data.eval_resize={data.eval_resize} is smaller than the crop data.image_size={data.image_size}.',
     )
     _require(data.mean_images > 0, f'data.mean_images must be positive, got {data.mean_images}.')
+
+
+def _check_devices(config, device_count, process_count):
+  train = config.train
   group = config.model.get('bn_group_size') or 0
   _require(
     isinstance(group, int) and group >= 0,
