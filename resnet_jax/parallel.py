@@ -65,7 +65,9 @@ def to_global(batch, mesh):
 def prefetch(batches, mesh, size=2):
   """Prepares and places `size` batches ahead on a background thread, so host work overlaps the step.
 
-  (flax's pmap-era `prefetch_to_device` builds per-device stacks, which shard_map inputs do not take.)
+  Closing the generator stops the thread and waits for it: a thread still inside JAX when the interpreter
+  exits can abort the process. (flax's pmap-era `prefetch_to_device` builds per-device stacks, which
+  shard_map inputs do not take.)
   """
   if size <= 0:
     yield from (to_global(b, mesh) for b in batches)
@@ -74,17 +76,26 @@ def prefetch(batches, mesh, size=2):
   stop = threading.Event()
   done = object()
 
+  def put(item):
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.05)
+        return
+      except queue.Full:
+        continue
+
   def work():
     try:
       for b in batches:
         if stop.is_set():
           return
-        q.put(to_global(b, mesh))
-      q.put(done)
+        put(to_global(b, mesh))
+      put(done)
     except BaseException as e:  # surfaced in the consumer
-      q.put(e)
+      put(e)
 
-  threading.Thread(target=work, daemon=True).start()
+  thread = threading.Thread(target=work, daemon=True)
+  thread.start()
   try:
     while True:
       item = q.get()
@@ -95,5 +106,4 @@ def prefetch(batches, mesh, size=2):
       yield item
   finally:
     stop.set()
-    while not q.empty():  # unblock a producer waiting on a full queue
-      q.get_nowait()
+    thread.join()

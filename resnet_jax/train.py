@@ -399,6 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
         )
       if step % config.train.log_every_steps == 0:
         progress.restart(step)
+  batches.close()  # stops the prefetch thread before anything else
   manager.wait_until_finished()
   if eval_results is None:  # nothing left to train: report the restored state
     eval_results = evaluate(eval_fn, state, ds, config, mesh)

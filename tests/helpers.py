@@ -29,6 +29,16 @@ def run_cli(workdir, *overrides, config='configs/cifar10_20.py', check=True, tim
   return result
 
 
+def model_config(family='cifar', depth=8, image_size=None, **model_overrides):
+  """The paper's CIFAR or ImageNet config for a network of `depth`, with model fields overridden."""
+  config = defaults.get_config() if family == 'cifar' else defaults.get_imagenet_config()
+  config.model.depth = depth
+  config.model.update(model_overrides)
+  if image_size is not None:
+    config.data.image_size = image_size
+  return config
+
+
 def small_run(**overrides):
   """ResNet-8 on a fixed subset: a few steps through the whole loop in seconds."""
   config = defaults.get_config()

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
+from helpers import model_config
 
-from resnet_jax import defaults, models, summary
+from resnet_jax import models, summary
 
 sys.path.insert(0, str(REPO))  # experiments/ is no installed package
 from experiments import benchmark
@@ -19,13 +20,6 @@ from experiments import benchmark
 RESNET8_MACS = (
   27 * 16 * 1024 + 2 * 144 * 16 * 1024 + (144 + 288) * 32 * 256 + (288 + 576) * 64 * 64 + 640
 )
-
-
-def model_config(family, depth, size):
-  config = defaults.get_config() if family == 'cifar' else defaults.get_imagenet_config()
-  config.model.depth = depth
-  config.data.image_size = size
-  return config
 
 
 @pytest.fixture(name='torch', scope='module')
@@ -61,7 +55,7 @@ def random_variables(config, seed=0):
   'family,depth', [('cifar', 20), ('cifar', 56), ('imagenet', 18), ('imagenet', 50)]
 )
 def test_twin_has_our_parameter_count_and_shapes(twin, family, depth):
-  config = model_config(family, depth, 32 if family == 'cifar' else 224)
+  config = model_config(family, depth, image_size=32 if family == 'cifar' else 224)
   _, ours, _ = summary.count(config)
   net = twin.build(config.model)
   assert twin.num_params(net) == ours
@@ -82,7 +76,7 @@ LOGIT_CASES = [
 def test_twin_logits_equal_ours(torch, twin, family, depth, size, train):
   """ResNet-20 (option A), ResNet-18/50 (option B, 7x7 stem, max pool); eval mode uses the running statistics,
   train mode the batch's."""
-  config = model_config(family, depth, size)
+  config = model_config(family, depth, image_size=size)
   variables = random_variables(config)
   images = np.random.default_rng(1).normal(size=(2, size, size, 3)).astype(np.float32)
   model = models.create(config.model)
@@ -100,7 +94,7 @@ def test_twin_logits_equal_ours(torch, twin, family, depth, size, train):
 
 def test_twin_initialises_as_ours(twin):
   """He normal convs (std sqrt(2 / fan_in)) and flax's truncated LeCun normal dense layer."""
-  net = twin.build(model_config('cifar', 20, 32).model)
+  net = twin.build(model_config('cifar', 20, image_size=32).model)
   conv = net.stage3_block3.conv2.weight.detach().numpy()
   np.testing.assert_allclose(conv.std(), np.sqrt(2 / (9 * 64)), rtol=0.05)
   fc = net.fc.weight.detach().numpy()
@@ -155,7 +149,7 @@ def test_jax_side_times_our_training_step_and_writes_the_table(tmp_path):
   )
   assert row['timed'] == '1 x 2'
   assert row['images_per_s'] == pytest.approx(16 * 1000 / row['ms_per_step'])  # batch 16
-  _, _, macs = summary.count(model_config('cifar', 8, 32))
+  _, _, macs = summary.count(model_config('cifar', 8, image_size=32))
   assert row['train_flops_per_image'] == 6 * RESNET8_MACS == 6 * macs
   assert row['mfu'] == pytest.approx(6 * RESNET8_MACS * row['images_per_s'] / 1e12)
   text = out.read_text()

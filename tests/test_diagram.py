@@ -8,19 +8,13 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+from helpers import model_config
 
 from resnet_jax import defaults, diagram, summary
 
 SVG = '{http://www.w3.org/2000/svg}'
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if p.stem not in ('default', '__init__'))
-
-
-def config(family='cifar', depth=20, **overrides):
-  config = defaults.get_config() if family == 'cifar' else defaults.get_imagenet_config()
-  config.model.depth = depth
-  config.model.update(overrides)
-  return config
 
 
 def elements(svg_text):
@@ -49,11 +43,11 @@ def cost(element):
 @pytest.mark.parametrize(
   'cfg,layers,shortcuts,increases,projections',
   [
-    (config('cifar', 20, shortcut='A'), 20, 9, 2, 0),
-    (config('imagenet', 34, shortcut='A'), 34, 16, 3, 0),
-    (config('imagenet', 50, shortcut='B'), 50, 16, 4, 4),
-    (config('imagenet', 34, residual=False, shortcut='A'), 34, 0, 0, 0),
-    (config('imagenet', 34, shortcut='C'), 34, 16, 3, 16),
+    (model_config('cifar', 20, shortcut='A'), 20, 9, 2, 0),
+    (model_config('imagenet', 34, shortcut='A'), 34, 16, 3, 0),
+    (model_config('imagenet', 50, shortcut='B'), 50, 16, 4, 4),
+    (model_config('imagenet', 34, residual=False, shortcut='A'), 34, 0, 0, 0),
+    (model_config('imagenet', 34, shortcut='C'), 34, 16, 3, 16),
   ],
   ids=['cifar20', 'resnet34a', 'resnet50b', 'plain34', 'resnet34c'],
 )
@@ -67,7 +61,7 @@ def test_fig3_counts(cfg, layers, shortcuts, increases, projections):
 
 
 def test_increases_are_dotted_and_projections_labelled():
-  drawn = draw(config('imagenet', 50, shortcut='B'))
+  drawn = draw(model_config('imagenet', 50, shortcut='B'))
   for arc in drawn['shortcut']:
     dotted = 'stroke-dasharray' in arc.find(f'{SVG}path').attrib
     assert dotted == ('increase' in arc.get('class').split())
@@ -81,7 +75,7 @@ def test_increases_are_dotted_and_projections_labelled():
 
 
 def test_box_labels_are_the_papers():
-  drawn = draw(config('imagenet', 34, shortcut='A'))
+  drawn = draw(model_config('imagenet', 34, shortcut='A'))
   texts = [box.find(f'{SVG}text').text for box in drawn['layer']]
   assert texts[0] == '7x7 conv, 64, /2' and texts[-1] == 'fc 1000'
   assert texts.count('3x3 conv, 128, /2') == 1 and texts.count('3x3 conv, 64') == 6
@@ -92,7 +86,11 @@ def test_box_labels_are_the_papers():
 
 @pytest.mark.parametrize(
   'cfg',
-  [config('cifar', 20), config('imagenet', 50, shortcut='B'), config('imagenet', 34, shortcut='C')],
+  [
+    model_config('cifar', 20),
+    model_config('imagenet', 50, shortcut='B'),
+    model_config('imagenet', 34, shortcut='C'),
+  ],
   ids=['cifar20', 'r50b', 'r34c'],
 )
 def test_tooltips_add_up_to_the_totals(cfg):
@@ -104,7 +102,7 @@ def test_tooltips_add_up_to_the_totals(cfg):
 
 @pytest.mark.parametrize(
   'cfg,repeat',
-  [(config('imagenet', 152), 'x 35'), (config('cifar', 110), 'x 17')],
+  [(model_config('imagenet', 152), 'x 35'), (model_config('cifar', 110), 'x 17')],
   ids=['resnet152', 'cifar110'],
 )
 def test_collapse_draws_repeated_blocks_once(cfg, repeat):
@@ -119,13 +117,13 @@ def test_collapse_draws_repeated_blocks_once(cfg, repeat):
 
 
 def test_shallow_networks_are_not_collapsed_by_default():
-  network = summary.walk(config('imagenet', 34, shortcut='A'))
+  network = summary.walk(model_config('imagenet', 34, shortcut='A'))
   full = diagram.to_svg(diagram.layout(network, collapse=False))
   assert diagram.to_svg(diagram.layout(network)) == full
 
 
 def test_layer_table_in_network_order():
-  network = summary.walk(config('imagenet', 50, shortcut='B'))
+  network = summary.walk(model_config('imagenet', 50, shortcut='B'))
   assert network.layers[0].path == 'stem_conv' and network.layers[1].kind == 'max_pool'
   assert network.layers[-1].path == 'fc' and network.layers[-2].kind == 'avg_pool'
   block_order = [layer.block for layer in network.layers if layer.block]
@@ -141,7 +139,10 @@ def test_layer_table_in_network_order():
 # 3.8 GFLOPs (one decimal) and 41M for ResNet-20 (16 + 32 + 64 filters on 32/16/8 maps).
 @pytest.mark.parametrize(
   'cfg,params,gmacs',
-  [(config('imagenet', 50, shortcut='B'), 25_557_032, 3.8), (config('cifar', 20), 269_722, 0.041)],
+  [
+    (model_config('imagenet', 50, shortcut='B'), 25_557_032, 3.8),
+    (model_config('cifar', 20), 269_722, 0.041),
+  ],
   ids=['r50', 'c20'],
 )
 def test_layer_table_sums_to_the_totals(cfg, params, gmacs):
@@ -154,8 +155,8 @@ def test_layer_table_sums_to_the_totals(cfg, params, gmacs):
 
 
 def test_scanned_blocks_come_out_per_block():
-  unscanned = summary.walk(config('cifar', 20))
-  scanned = summary.walk(config('cifar', 20, scan_blocks=True, remat=True))
+  unscanned = summary.walk(model_config('cifar', 20))
+  scanned = summary.walk(model_config('cifar', 20, scan_blocks=True, remat=True))
   assert scanned == unscanned and len(scanned.blocks) == 9
 
 
@@ -192,7 +193,7 @@ def test_every_config_draws():  # ~15 s on one core, mostly tracing ResNet-1202
 
 
 def test_boxes_do_not_overlap_and_labels_fit():
-  network = summary.walk(config('imagenet', 152, stride_on_3x3=True, shortcut='C'))
+  network = summary.walk(model_config('imagenet', 152, stride_on_3x3=True, shortcut='C'))
   for collapse in (False, True):
     drawing = diagram.layout(network, collapse=collapse)
     boxes = [
@@ -227,7 +228,7 @@ def test_matplotlib_draws_the_same_layout(tmp_path):
   sys.path.insert(0, str(REPO))  # experiments/ is no installed package
   from experiments import fig3
 
-  drawing = diagram.layout(summary.walk(config('cifar', 20, shortcut='B')), collapse=False)
+  drawing = diagram.layout(summary.walk(model_config('cifar', 20, shortcut='B')), collapse=False)
   figure = fig3.figure(drawing, scale=1.0)
   shapes = [shape for item in drawing.items for shape in item.shapes]
   axes = figure.axes[0]

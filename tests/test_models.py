@@ -8,16 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import model_config
 from jax import ad_checkpoint
 
 from resnet_jax import defaults, models, summary
-
-
-def model_config(family='cifar', depth=8, **overrides):
-  config = defaults.get_config() if family == 'cifar' else defaults.get_imagenet_config()
-  config.model.depth = depth
-  config.model.update(overrides)
-  return config
 
 
 def param_shapes(config, size, batch=1):

@@ -241,7 +241,7 @@ BAD_INPUTS = [  # (id, flags, what the one line must say); {tmp} is the test's t
   (
     'momentum style',
     ['--config.optimizer.momentum_style=nesterov'],
-    "momentum_style must be 'caffe', 'pytorch' or 'dampened'",
+    "optimizer.momentum_style must be one of ('caffe', 'pytorch', 'dampened'), got 'nesterov'",
   ),
   (
     'batch vs devices',
@@ -288,7 +288,7 @@ BAD_INPUTS = [  # (id, flags, what the one line must say); {tmp} is the test's t
   (
     'workdir under a file',
     ['--workdir={tmp}/file/run'],
-    'cannot create the workdir {tmp}/file/run',
+    'the workdir {tmp}/file/run cannot be created or written',
   ),
   ('workdir is a file', ['--workdir={tmp}/file'], 'the workdir {tmp}/file is a file'),
   ('offline tfds', ['--config.data.data_dir={tmp}/tfds'], 'CIFAR-10 is not in {tmp}/tfds'),
