@@ -78,6 +78,9 @@ def get_config():
   config.optimizer.learning_rate = 0.1
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 1e-4
+  # 'all': decay every parameter, as Caffe (its Scale layers included) | 'kernels': conv and dense
+  # kernels only (not BN scale/bias nor the fc bias), later practice.
+  config.optimizer.weight_decay_on = 'all'
   # 'caffe': v = m*v + lr*g | 'pytorch': v = m*v + g, w -= lr*v | 'dampened': v = m*v + (1-m)*lr*g
   config.optimizer.momentum_style = 'caffe'
   # 'steps': decay at `boundaries` | 'plateau': when the held-out error stalls

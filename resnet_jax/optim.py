@@ -1,4 +1,4 @@
-"""SGD as the paper ran it: Caffe momentum, L2 weight decay on kernels, a step schedule and the lr warm-up.
+"""SGD as the paper ran it: Caffe momentum, L2 weight decay on every parameter, a step schedule and the lr warm-up.
 
 Caffe updates v = m*v + lr*g, w -= v; PyTorch and optax update v = m*v + g, w -= lr*v. The two agree while
 the lr is constant and differ after a drop: Caffe's velocity still carries the old lr for a while. The
@@ -10,6 +10,8 @@ held-out error, kept in the train state so a resumed run continues it; `schedule
 boundaries instead (e.g. epochs 30, 60, 90) so the two can be compared.
 """
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ import optax
 
 MOMENTUM_STYLES = ('caffe', 'pytorch', 'dampened')
 BOUNDARIES_AT = ('steps', 'fractions')
+WEIGHT_DECAY_ON = ('all', 'kernels')
 SCHEDULES = ('steps', 'plateau')
 
 
@@ -47,19 +50,21 @@ def plateau_after(opt_config, plateau: Plateau, error: float) -> Plateau:
   return Plateau(np.int32(drops), np.float32(best), np.int32(waited))
 
 
-def decay_mask(params):
-  """Weight decay on conv and dense kernels only (not BN scale/bias, not the dense bias)."""
+def decay_mask(params, weight_decay_on='all'):
+  """Which parameters weight decay reaches. 'all': every learnable blob, as Caffe (Scale layers included)
+  and fb.resnet.torch; 'kernels': conv and dense kernels only, not BN scale/bias nor the dense bias."""
   flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict({k: k[-1] == 'kernel' for k in flat})
+  return flax.traverse_util.unflatten_dict(
+    {k: weight_decay_on == 'all' or k[-1] == 'kernel' for k in flat}
+  )
 
 
 def create(opt_config) -> optax.GradientTransformation:
   """SGD whose learning rate sits in the optimizer state (`opt_state.hyperparams['learning_rate']`)."""
 
   def sgd(learning_rate):
-    decay = optax.add_decayed_weights(
-      opt_config.weight_decay, mask=decay_mask
-    )  # Caffe's L2, before momentum
+    mask = functools.partial(decay_mask, weight_decay_on=opt_config.weight_decay_on)
+    decay = optax.add_decayed_weights(opt_config.weight_decay, mask=mask)  # L2, before momentum
     if opt_config.momentum_style == 'caffe':
       return optax.chain(
         decay, optax.scale(learning_rate), optax.trace(opt_config.momentum), optax.scale(-1.0)

@@ -33,6 +33,10 @@ def _check_optimizer(opt):
   _require(0 <= opt.momentum < 1, f'optimizer.momentum must be in [0, 1), got {opt.momentum}.')
   _require(opt.weight_decay >= 0, f'optimizer.weight_decay must be >= 0, got {opt.weight_decay}.')
   _require(
+    opt.weight_decay_on in optim.WEIGHT_DECAY_ON,
+    f'optimizer.weight_decay_on must be one of {optim.WEIGHT_DECAY_ON}, got {opt.weight_decay_on!r}.',
+  )
+  _require(
     opt.momentum_style in optim.MOMENTUM_STYLES,
     f'optimizer.momentum_style must be one of {optim.MOMENTUM_STYLES}, got {opt.momentum_style!r}.',
   )

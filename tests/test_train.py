@@ -126,10 +126,12 @@ def test_warmup_switch_in_the_train_step(threshold, cap, switch_after):
   assert lrs == pytest.approx([0.01] * switch_after + [0.1] * (4 - switch_after))
 
 
+@pytest.mark.parametrize('decay_on', ['all', 'kernels'])
 @pytest.mark.parametrize('style', ['caffe', 'pytorch', 'dampened'])
-def test_momentum_styles_against_numpy_across_an_lr_drop(style):
+def test_momentum_styles_against_numpy_across_an_lr_drop(style, decay_on):
   opt = defaults.get_config().optimizer
   opt.update(momentum_style=style, boundaries=(3,), decay=0.1, weight_decay=1e-2, momentum=0.9)
+  opt.weight_decay_on = decay_on
   tx = optim.create(opt)
   rng = np.random.default_rng(0)
   params = {
@@ -151,7 +153,8 @@ def test_momentum_styles_against_numpy_across_an_lr_drop(style):
     updates, state = tx.update(grads, state, params)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
     for k, g in (('kernel', grads['conv']['kernel']), ('scale', grads['bn']['scale'])):
-      g = g + (opt.weight_decay * w[k] if k == 'kernel' else 0)  # decay on kernels only
+      decayed = decay_on == 'all' or k == 'kernel'  # BN's scale only with 'all'
+      g = g + (opt.weight_decay * w[k] if decayed else 0)
       if style == 'caffe':
         v[k] = opt.momentum * v[k] + lr * g
         w[k] = w[k] - v[k]
