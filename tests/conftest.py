@@ -27,7 +27,7 @@ SHARED_DATA = pathlib.Path(
 def _extract(tmp_path_factory, name, top):
   tar = SHARED_DATA / name
   if not tar.exists():
-    pytest.skip(f'{tar} is absent: the real-data tests need ../shared/data beside the checkout')
+    pytest.skip(f'{tar} is absent: put it there, or set RESNET_JAX_SHARED_DATA to its folder')
   out = tmp_path_factory.getbasetemp() / f'{top}-extracted'
   if not (out / top).exists():
     with tarfile.open(tar) as f:
