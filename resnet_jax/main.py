@@ -4,6 +4,7 @@ Any config field can be overridden on the command line (--config.train.num_steps
 config or the data are reported in one sentence before anything is compiled.
 """
 
+import errno
 import os
 import sys
 
@@ -42,7 +43,7 @@ def main(argv):
   cli.initialize_distributed()
   import jax  # after the cheap checks and jax.distributed
 
-  from resnet_jax import checkpointing, data, models, train
+  from resnet_jax import checkpointing, data, models, train, workdir_lock
 
   try:
     validate.check(config, jax.device_count(), jax.process_count())
@@ -56,12 +57,19 @@ def main(argv):
   except (
     data.DataError,
     checkpointing.CheckpointMismatch,
+    checkpointing.CheckpointWriteError,
     train.Diverged,
     validate.ConfigError,
+    workdir_lock.WorkdirLocked,
   ) as e:
+    cli.fail(str(e))  # an unreadable image is found when the data is read; the others in training
+  except OSError as e:  # the workdir's other files (lock, metrics, config.json) on a full disk
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
     cli.fail(
-      str(e)
-    )  # an unreadable image is found when the data is read; the others when training starts
+      f'cannot write {e.filename or FLAGS.workdir} ({e.strerror}): free some space and rerun the '
+      'same command to continue from the last checkpoint.'
+    )
   except train.Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(128 + e.signum)

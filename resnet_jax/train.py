@@ -33,6 +33,7 @@ from resnet_jax import (
   parallel,
   precision,
   validate,
+  workdir_lock,
   writers,
 )
 from resnet_jax import data as data_lib
@@ -268,7 +269,7 @@ def itstime(step: int, every: int, num_steps: int) -> bool:
 def check_finite(state, config, manager):
   """Stops before a non-finite state can be logged as progress or saved (on_nonfinite='stop')."""
   if config.train.on_nonfinite == 'stop' and int(state.nonfinite_steps) > 0:
-    manager.wait_until_finished()
+    checkpointing.wait_until_saved(manager, state)
     last = manager.latest_step()
     where = (
       f'the last good checkpoint is step {last} in {manager.directory}'
@@ -318,12 +319,25 @@ def recompute_bn(state, ds, model, config, mesh, num_images):
 
 
 def _write(workdir, name, text):
-  with open(os.path.join(workdir, name), 'w') as f:
+  """Whole or not at all: a tool reading the file beside a (killed) training never sees half of it."""
+  path = os.path.join(workdir, name)
+  with open(f'{path}.tmp', 'w') as f:
     f.write(text)
+  os.replace(f'{path}.tmp', path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict.
+
+  Holds the workdir's lock (workdir_lock) throughout: a second training of the same workdir stops with
+  WorkdirLocked before it reads or writes anything there.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.held(workdir, config.train.lock_timeout_s):
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir, mesh):
   mesh = parallel.make_mesh() if mesh is None else mesh
   is_main = jax.process_index() == 0
   start_time = time.time()
@@ -331,7 +345,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   check_num_classes(ds, config)
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   tx = optim.create(config.optimizer)
-  os.makedirs(workdir, exist_ok=True)
   initial = create_train_state(config, model, tx, jax.random.key(config.seed))
   manager, state = checkpointing.restore_or_init(
     workdir, config.train.keep_checkpoints, initial, mesh
@@ -386,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
         check_finite(state, config, manager)
         checkpointing.save(manager, state, step)
       if stopping:
-        manager.wait_until_finished()
+        checkpointing.wait_until_saved(manager, state)
         writer.close()
         raise Preempted(
           f'stopped by a signal after step {step}; its checkpoint is in {manager.directory}: rerun '
@@ -395,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
         )
       if step % config.train.log_every_steps == 0:
         progress.restart(step)
-  manager.wait_until_finished()
+  checkpointing.wait_until_saved(manager, state)
   if eval_results is None:  # nothing left to train: report the restored state
     eval_results = evaluate(eval_fn, state, ds, config, mesh)
   results = {
