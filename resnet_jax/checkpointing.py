@@ -71,6 +71,19 @@ def wait_until_saved(mngr, state):
     raise _write_failed(mngr, state, None, e) from e
 
 
+@contextlib.contextmanager
+def failed_writes_first(mngr, state):
+  """A full disk may show first in another file (metrics.jsonl) while a checkpoint is written in the
+  background: a checkpoint write that failed meanwhile is then the error raised, its temporary directory
+  removed. `state`: any state of the run (its size goes into the message)."""
+  try:
+    yield
+  except OSError as e:
+    if not isinstance(e, CheckpointWriteError):
+      wait_until_saved(mngr, state)
+    raise
+
+
 _TMP = re.compile(
   r'^(\d+)\.orbax-checkpoint-tmp'
 )  # orbax writes STEP.orbax-checkpoint-tmp..., renames

@@ -374,7 +374,10 @@ def _train(config, workdir, mesh):
     jax.device_count(),
   )
   train_metrics, eval_results, moving_average_results = None, None, None
-  with checkpointing.PreemptionHandler() as preemption:
+  with (
+    checkpointing.PreemptionHandler() as preemption,
+    checkpointing.failed_writes_first(manager, state),
+  ):
     for step in range(start_step + k, num_steps + 1, k):
       state, step_metrics = train_fn(state, next(batches))
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)

@@ -1,5 +1,6 @@
 """Small runs shared by the end-to-end tests: a ResNet-8 config, its CLI flags, the CLI, checkpoints."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -77,3 +78,16 @@ def assert_same_checkpoints(workdir_a, workdir_b):
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(leaves_a) == len(leaves_b) > 0
   assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+
+
+TIMING = ('time', 'steps_per_sec', 'images_per_sec', 'eta_min')
+
+
+def last_rows(workdir):
+  """metrics.jsonl as {(step, split): row without timing}: a step logged again after a resume counts
+  with its last row. Every line must be a whole JSON object."""
+  rows = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    rows[row['step'], row['split']] = {k: v for k, v in row.items() if k not in TIMING}
+  return rows
