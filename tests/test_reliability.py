@@ -271,6 +271,9 @@ def test_readers_beside_a_writer_read_complete_steps_and_leave_it_alone(tmp_path
   workdir = tmp_path / 'run'
   writer = start_cli(workdir, config)
   wait_for_step(workdir, 3, proc=writer)  # the checkpoint of step 2 is under way or written
+  while not (workdir / 'checkpoints').exists() or not checkpoint_steps(workdir):
+    assert writer.poll() is None
+    time.sleep(0.02)
   with pytest.raises(workdir_lock.WorkdirLocked, match=f'being trained by pid {writer.pid} '):
     train.train_and_evaluate(config, str(workdir))  # a second training, refused at once
   evaluate = subprocess.Popen(
