@@ -114,6 +114,7 @@ def test_signal_saves_the_current_step_and_restart_continues(tmp_path, straight,
     5 <= stopped < LONG['train__num_steps'] and checkpoint_steps(tmp_path)[-1] == stopped
   )  # not only the periodic ones
   assert 'rerun the same command to continue' in err.strip().splitlines()[-1]
+  assert not (tmp_path / 'lock.json').exists()  # released on the way out
   if sig == signal.SIGTERM:
     run_cli(tmp_path, *as_flags(config))
     assert_same_checkpoints(straight, tmp_path)
