@@ -5,16 +5,25 @@ Training (`restore_or_init`, `save`):
   is used: orbax's save() on an existing step does nothing, so a bad step left in place stays "latest".
 - A checkpoint of another network (a reused workdir) is refused before anything in the workdir changes;
   one of the same network in the other `model.scan_blocks` layout is converted.
+- A checkpoint that cannot be written (a full disk, any error of the asynchronous write, which surfaces at
+  the next save or wait) stops the run with CheckpointWriteError, naming the space it needs and the last
+  good checkpoint; the failed step's temporary directory is removed, so a rerun resumes from that one.
 - SIGTERM/SIGINT ask the loop to save and stop after the current step (orbax's own preemption check works
   only under jax.distributed, so a single process needs its own handler).
 
 Tools (`open_workdir`): the config and the newest complete, readable checkpoint of a finished or running
-run; a damaged one is named and skipped, nothing in the workdir is created, moved or deleted.
+run; a damaged one is named and skipped, nothing in the workdir is created, moved or deleted. A checkpoint
+that a running training deletes while it is read (it keeps train.keep_checkpoints) is no damage: the
+newest one is read again.
 """
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import os
+import re
+import shutil
 import signal
 import time
 
@@ -30,6 +39,10 @@ class CheckpointMismatch(ValueError):
   """The workdir holds a checkpoint of a different model or optimizer."""
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (e.g. the disk is full); the earlier ones are intact."""
+
+
 def checkpoint_dir(workdir) -> str:
   """Absolute: orbax reads no metadata from a relative path."""
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
@@ -43,7 +56,90 @@ def manager(workdir, keep):
 
 
 def save(mngr, state, step):
-  mngr.save(step, args=ocp.args.StandardSave(state))
+  """Starts writing `state` as `step`; raises CheckpointWriteError for this or the previous write."""
+  try:
+    mngr.save(step, args=ocp.args.StandardSave(state))
+  except Exception as e:  # noqa: BLE001  # orbax's background writes fail as ValueError, OSError, ...
+    raise _write_failed(mngr, state, step, e) from e
+
+
+def wait_until_saved(mngr, state):
+  """Blocks until the checkpoints started are written; raises CheckpointWriteError if one failed."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _write_failed(mngr, state, None, e) from e
+
+
+@contextlib.contextmanager
+def failed_writes_first(mngr, state):
+  """A full disk may show first in another file (metrics.jsonl) while a checkpoint is written in the
+  background: a checkpoint write that failed meanwhile is then the error raised, its temporary directory
+  removed. `state`: any state of the run (its size goes into the message)."""
+  try:
+    yield
+  except OSError as e:
+    if not isinstance(e, CheckpointWriteError):
+      wait_until_saved(mngr, state)
+    raise
+
+
+_TMP = re.compile(
+  r'^(\d+)\.orbax-checkpoint-tmp'
+)  # orbax writes STEP.orbax-checkpoint-tmp..., renames
+
+
+def _unfinished(directory) -> dict:
+  """{step: [temporary paths]} of the checkpoints started but not finished in `directory`."""
+  found = {}
+  for name in os.listdir(directory) if os.path.isdir(directory) else ():
+    match = _TMP.match(name)
+    if match:
+      found.setdefault(int(match[1]), []).append(os.path.join(directory, name))
+  return found
+
+
+def _write_failed(mngr, state, step, error) -> CheckpointWriteError:
+  """The one-sentence error, after removing the failed steps' temporary directories (only those)."""
+  with contextlib.suppress(Exception):  # let the background write end before its directory goes
+    mngr.wait_until_finished()
+  directory = str(mngr.directory)
+  unfinished = _unfinished(directory)
+  if jax.process_index() == 0:
+    for paths in unfinished.values():
+      for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+  failed = max(unfinished, default=step)
+  complete = _complete_steps(directory)
+  needed = sum(
+    x.nbytes for x in jax.tree.leaves(state)
+  )  # the state's bytes, or a written one's size
+  if complete:
+    needed = max(needed, _disk_usage(os.path.join(directory, str(complete[0]))))
+  free = shutil.disk_usage(directory).free
+  full = getattr(error, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(error)
+  reason = 'no space left on device' if full else f'{type(error).__name__}: {_first_line(error)}'
+  last = f'step {complete[0]}' if complete else 'none yet'
+  failure = CheckpointWriteError(
+    f'cannot write the checkpoint{f" of step {failed}" if failed is not None else ""} to '
+    f'{directory} ({reason}); one takes about {needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB '
+    f'are free; the last good checkpoint is {last}: free some space and rerun the same command to '
+    'continue from it.'
+  )
+  failure.errno = errno.ENOSPC if full else errno.EIO
+  return failure
+
+
+def _disk_usage(path) -> int:
+  return sum(
+    os.stat(os.path.join(root, name)).st_blocks * 512
+    for root, _, names in os.walk(path)
+    for name in names
+  )
+
+
+def _first_line(error) -> str:
+  return str(error).splitlines()[0][:200] if str(error) else ''
 
 
 def _shapes(tree):
@@ -173,7 +269,9 @@ def open_workdir(workdir, config=None) -> Run:
       'pass the workdir of a trained run.'
     )
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  for step in steps:
+  damaged = set()
+  while steps:
+    step = steps[0]
     path = os.path.join(directory, str(step), 'default')
     try:
       with ocp.StandardCheckpointer() as checkpointer:
@@ -183,12 +281,16 @@ def open_workdir(workdir, config=None) -> Run:
         )
         state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
     except Exception as e:  # noqa: BLE001  # any failure to read: name it, leave it, try the previous one
-      logging.warning(
-        'The checkpoint of step %d in %s cannot be read (%s); using an earlier one.',
-        step,
-        directory,
-        str(e).splitlines()[0][:200],
-      )
+      newer = [s for s in _complete_steps(directory) if s > step]
+      if not newer:  # no training rotated it away meanwhile: it is damaged
+        logging.warning(
+          'The checkpoint of step %d in %s cannot be read (%s); using an earlier one.',
+          step,
+          directory,
+          _first_line(e),
+        )
+        damaged.add(step)
+      steps = [s for s in _complete_steps(directory) if s not in damaged]
       continue
     state = models.convert_layout(state, bool(config.model.get('scan_blocks', False)))
     return Run(workdir, config, step, state)

@@ -58,10 +58,20 @@ def define_distributed_flags():
 
 
 def quiet_libraries():
-  """Library INFO lines (orbax logs every save and restore) stay out of a tool's output: warnings only."""
-  logging.get_absl_handler().addFilter(
-    lambda r: r.levelno >= logging.converter.STANDARD_WARNING or 'orbax' not in r.pathname
-  )
+  """Library INFO lines (orbax logs every save and restore) stay out of a tool's output: warnings only.
+
+  orbax's errors keep their first line but lose their tracebacks: a failed background write (a full disk)
+  is logged by each of its threads, and the tool then reports it in one sentence.
+  """
+
+  def quiet(record):
+    if 'orbax' not in record.pathname:
+      return True
+    record.exc_info = None
+    record.exc_text = None
+    return record.levelno >= logging.converter.STANDARD_WARNING
+
+  logging.get_absl_handler().addFilter(quiet)
 
 
 def config_or_workdir(workdir):

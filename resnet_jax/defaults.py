@@ -66,6 +66,9 @@ def get_config():
   config.train.eval_every_steps = 2_000
   config.train.checkpoint_every_steps = 2_000
   config.train.keep_checkpoints = 3
+  # The workdir's lock (lock.json) of a training on another host is stale after this long without a
+  # heartbeat (refreshed every lock_timeout_s/10, at most every minute); on this host, once its pid is gone.
+  config.train.lock_timeout_s = 600
   # The released models' BN statistics: exact averages over this many training images after training.
   config.train.recompute_bn_stats = False
   config.train.bn_stats_images = 10_000

@@ -4,6 +4,7 @@ Any config field can be overridden on the command line (--config.train.num_steps
 config or the data are reported in one sentence before anything is compiled.
 """
 
+import errno
 import os
 import sys
 
@@ -42,7 +43,7 @@ def main(argv):
   cli.initialize_distributed()
   import jax  # after the cheap checks and jax.distributed
 
-  from resnet_jax import checkpointing, data, models, train
+  from resnet_jax import checkpointing, data, models, train, workdir_lock
 
   try:
     validate.check(config, jax.device_count(), jax.process_count())
@@ -52,19 +53,43 @@ def main(argv):
     cli.fail(str(e))
   logging.info('JAX devices: %s', jax.devices())
   try:
-    train.train_and_evaluate(config, FLAGS.workdir)
+    results = train.train_and_evaluate(config, FLAGS.workdir)
   except (
     data.DataError,
     checkpointing.CheckpointMismatch,
+    checkpointing.CheckpointWriteError,
     train.Diverged,
     validate.ConfigError,
+    workdir_lock.WorkdirLocked,
   ) as e:
+    cli.fail(str(e))  # an unreadable image is found when the data is read; the others in training
+  except OSError as e:  # the workdir's other files (lock, metrics, config.json) on a full disk
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
     cli.fail(
-      str(e)
-    )  # an unreadable image is found when the data is read; the others when training starts
+      f'cannot write {e.filename or FLAGS.workdir} ({e.strerror}): free some space and rerun the '
+      'same command to continue from the last checkpoint.'
+    )
   except train.Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(128 + e.signum)
+  if jax.process_index() == 0:
+    print(report(results, FLAGS.workdir))
+
+
+def report(results, workdir) -> str:
+  """Where a finished run's outputs are, and its final number."""
+  split = next(k[: -len('_error')] for k in results if k.endswith('_error'))
+  workdir = os.path.abspath(workdir)
+  return (
+    f'{results["config"]}: step {results["steps"]}, {split} error '
+    f'{100 * results[f"{split}_error"]:.2f}% ({results["bn_statistics"].replace("_", " ")} BN '
+    f'statistics; {100 * results[f"{split}_error_exact_bn"]:.2f}% with exact ones), '
+    f'{results["wall_time_s"] / 60:.1f} min of training in {len(results["segments"])} segment(s).\n'
+    f'  results:     {os.path.join(workdir, "results.json")}\n'
+    f'  checkpoints: {os.path.join(workdir, "checkpoints")}\n'
+    f'  TensorBoard: tensorboard --logdir {os.path.join(workdir, "tensorboard")}'
+  )
 
 
 if __name__ == '__main__':

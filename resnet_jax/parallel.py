@@ -48,6 +48,27 @@ def sync_processes(name: str, timeout_s: int = 600):
     client.wait_at_barrier(f'{name}-{next(_barriers)}', timeout_in_ms=timeout_s * 1000)
 
 
+_shared = itertools.count()  # every process calls from_process_zero in the same order
+
+
+def from_process_zero(name: str, value: str = '', timeout_s: int = 600) -> str:
+  """Process 0's `value` on every process, through the coordination service's key-value store.
+
+  Also a meeting point: the other processes wait for process 0 to get here (a decision such as the
+  workdir lock's, which only process 0 may take). A no-op in one process.
+  """
+  if jax.process_count() == 1:
+    return value
+  from jax._src import distributed  # as in sync_processes
+
+  client = distributed.global_state.client
+  key = f'resnet_jax/{name}-{next(_shared)}'
+  if jax.process_index() == 0:
+    client.key_value_set(key, f'={value}')  # never empty
+    return value
+  return client.blocking_key_value_get(key, timeout_in_ms=timeout_s * 1000)[1:]
+
+
 def map_step(fn, mesh, in_specs, out_specs, donate_argnums=()):
   """jit(shard_map(fn)): `fn` sees each device's share and may use collectives over AXIS."""
   return jax.jit(

@@ -33,6 +33,7 @@ from resnet_jax import (
   parallel,
   precision,
   validate,
+  workdir_lock,
   writers,
 )
 from resnet_jax import data as data_lib
@@ -270,7 +271,7 @@ def itstime(step: int, every: int, num_steps: int) -> bool:
 def check_finite(state, config, manager):
   """Stops before a non-finite state can be logged as progress or saved (on_nonfinite='stop')."""
   if config.train.on_nonfinite == 'stop' and int(state.nonfinite_steps) > 0:
-    manager.wait_until_finished()
+    checkpointing.wait_until_saved(manager, state)
     last = manager.latest_step()
     where = (
       f'the last good checkpoint is step {last} in {manager.directory}'
@@ -320,20 +321,62 @@ def recompute_bn(state, ds, model, config, mesh, num_images):
 
 
 def _write(workdir, name, text):
-  with open(os.path.join(workdir, name), 'w') as f:
+  """Whole or not at all: a tool reading the file beside a (killed) training never sees half of it."""
+  path = os.path.join(workdir, name)
+  with open(f'{path}.tmp', 'w') as f:
     f.write(text)
+  os.replace(f'{path}.tmp', path)
+
+
+def _read(workdir, name):
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+class Segments:
+  """The training time of every invocation of a run (a resumed run has several), kept in segments.json
+  and brought up to date at each checkpoint, so results.json can report the time over all of them."""
+
+  def __init__(self, workdir, start_step, is_main):
+    self._workdir, self._is_main = workdir, is_main
+    self._start = time.time()
+    self._done = _read(workdir, 'segments.json') or []
+    self.current = {'start_step': start_step, 'end_step': start_step, 'wall_time_s': 0.0}
+
+  def update(self, step):
+    self.current.update(end_step=int(step), wall_time_s=time.time() - self._start)
+    if self._is_main:
+      _write(self._workdir, 'segments.json', json.dumps(self.all(), indent=2))
+
+  def all(self) -> list:
+    return self._done + [dict(self.current)]
+
+  def total_s(self) -> float:
+    return sum(segment['wall_time_s'] for segment in self.all())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict.
+
+  The data is read and checked before the workdir is created, so a run that cannot start leaves nothing.
+  The workdir's lock (workdir_lock) is held throughout: a second training of the same workdir stops with
+  WorkdirLocked before it reads or writes anything there.
+  """
   mesh = parallel.make_mesh() if mesh is None else mesh
-  is_main = jax.process_index() == 0
-  start_time = time.time()
   ds = data_lib.load(config.data, config.seed)
   check_num_classes(ds, config)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.held(workdir, config.train.lock_timeout_s):
+    return _train(config, workdir, ds, mesh)
+
+
+def _train(config, workdir, ds, mesh):
+  is_main = jax.process_index() == 0
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   tx = optim.create(config.optimizer)
-  os.makedirs(workdir, exist_ok=True)
   initial = create_train_state(config, model, tx, jax.random.key(config.seed))
   manager, state = checkpointing.restore_or_init(
     workdir, config.train.keep_checkpoints, initial, mesh
@@ -343,6 +386,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     config.train.num_steps,
     config.train.steps_per_dispatch,
   )
+  finished = _read(workdir, 'results.json')
+  if start_step >= num_steps and finished and finished.get('steps') == start_step:
+    logging.warning(
+      '%s is already at step %d of %d: nothing to train.', workdir, start_step, num_steps
+    )
+    manager.close()
+    return finished  # results.json stays as it was
   if start_step % k:
     raise validate.ConfigError(
       f'the checkpoint at step {start_step} is not a multiple of train.steps_per_dispatch'
@@ -352,6 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     _write(workdir, 'config.json', config.to_json_best_effort(indent=2))
   writer = writers.Writer(workdir, is_main)
   progress = writers.Progress(start_step, num_steps, config.train.batch_size)
+  segments = Segments(workdir, start_step, is_main)
   device_data, host = host_batches(ds, config, mesh, start_step)
   train_fn, eval_fn = compile_steps(config, model, tx, mesh, device_data)
   batches = parallel.prefetch(host, mesh, config.data.prefetch)
@@ -365,19 +416,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     jax.device_count(),
   )
   train_metrics, eval_results, moving_average_results = None, None, None
-  with checkpointing.PreemptionHandler() as preemption:
+  with (
+    checkpointing.PreemptionHandler() as preemption,
+    checkpointing.failed_writes_first(manager, state),
+  ):
     for step in range(start_step + k, num_steps + 1, k):
       state, step_metrics = train_fn(state, next(batches))
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       if itstime(step, config.train.log_every_steps, num_steps):
         check_finite(state, config, manager)
-        writer.write(
-          step, 'train', train_scalars(train_metrics, state, config, progress.measure(step))
-        )
+        scalars = train_scalars(train_metrics, state, config, progress.measure(step))
+        writer.write(step, 'train', scalars)
         train_metrics = None
-      if (
-        step == num_steps and config.train.recompute_bn_stats
-      ):  # the released models' exact statistics
+      if step == num_steps and config.train.recompute_bn_stats:  # the released models' statistics
         moving_average_results = evaluate(eval_fn, state, ds, config, mesh)
         state = recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
       if itstime(step, config.train.eval_every_steps, num_steps):
@@ -389,8 +440,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       if itstime(step, config.train.checkpoint_every_steps, num_steps) or stopping:
         check_finite(state, config, manager)
         checkpointing.save(manager, state, step)
+        segments.update(step)
       if stopping:
-        manager.wait_until_finished()
+        checkpointing.wait_until_saved(manager, state)
         writer.close()
         raise Preempted(
           f'stopped by a signal after step {step}; its checkpoint is in {manager.directory}: rerun '
@@ -400,26 +452,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       if step % config.train.log_every_steps == 0:
         progress.restart(step)
   batches.close()  # stops the prefetch thread before anything else
-  manager.wait_until_finished()
+  checkpointing.wait_until_saved(manager, state)
   if eval_results is None:  # nothing left to train: report the restored state
     eval_results = evaluate(eval_fn, state, ds, config, mesh)
-  results = {
-    'config': config.name,
-    f'{ds.eval_split}_error': eval_results['error'],
-    f'{ds.eval_split}_loss': eval_results['loss'],
-    'steps': int(state.step),
-    'wall_time_s': time.time() - start_time,
-    'start_step': start_step,
-    'nonfinite_steps': int(state.nonfinite_steps),
-    **provenance(),
-  }
-  if moving_average_results:
-    results[f'{ds.eval_split}_error_moving_average_bn'] = moving_average_results['error']
+  if moving_average_results is None:  # the test error with exact BN statistics, beside it
+    moving_average_results = eval_results
+    exact = recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
+    eval_results = evaluate(eval_fn, exact, ds, config, mesh)
+  segments.update(int(state.step))
+  results = final_results(config, ds, state, moving_average_results, eval_results, segments)
   if is_main:
     _write(workdir, 'results.json', json.dumps(results, indent=2))
   writer.close()
   manager.close()
   return results
+
+
+def final_results(config, ds, state, moving_average, exact, segments) -> dict:
+  """results.json: the last evaluation (never the best one) with both kinds of BN statistics.
+
+  `{split}_error` is the checkpointed model's: exact statistics when train.recompute_bn_stats (the released
+  ImageNet models), else the moving averages, as training left them.
+  """
+  split = ds.eval_split
+  reported = exact if config.train.recompute_bn_stats else moving_average
+  return {
+    'config': config.name,
+    f'{split}_error': reported['error'],
+    f'{split}_loss': reported['loss'],
+    'bn_statistics': 'exact' if config.train.recompute_bn_stats else 'moving_average',
+    f'{split}_error_moving_average_bn': moving_average['error'],
+    f'{split}_error_exact_bn': exact['error'],
+    'exact_bn_images': config.train.bn_stats_images,
+    'steps': int(state.step),
+    'wall_time_s': segments.total_s(),
+    'segments': segments.all(),
+    'start_step': segments.current['start_step'],
+    'nonfinite_steps': int(state.nonfinite_steps),
+    **provenance(),
+  }
 
 
 def train_scalars(train_metrics, state, config, rates) -> dict:

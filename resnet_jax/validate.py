@@ -90,6 +90,11 @@ def _check_train(train):
       isinstance(value, int) and value > 0,
       f'train.{field} must be a positive integer, got {value!r}.',
     )
+  timeout = train.get('lock_timeout_s', 600)
+  _require(
+    isinstance(timeout, (int, float)) and timeout > 0,
+    f'train.lock_timeout_s must be a positive number of seconds, got {timeout!r}.',
+  )
   k = train.get('steps_per_dispatch', 1)
   _require(
     isinstance(k, int) and k > 0, f'train.steps_per_dispatch must be a positive integer, got {k!r}.'

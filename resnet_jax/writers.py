@@ -2,7 +2,9 @@
 
 clu's metric writers import TensorFlow, which a JAX-only machine may not have; without it the run logs to
 the console and metrics.jsonl only, and says so once. metrics.jsonl gets one JSON object per logged step and
-split: {"step", "split", <metrics>}, the source of the plots in experiments/.
+split: {"step", "split", <metrics>}, the source of the plots in experiments/. A resumed run logs again the
+steps after its checkpoint that the interrupted one had logged: the last row of a (step, split) is the
+run's (the earlier ones hold the same numbers, but for times). A line cut short by a kill is removed.
 """
 
 import json
@@ -21,6 +23,19 @@ def _tensorflow_available():
     return False
 
 
+def _drop_partial_line(path):
+  """Truncates `path` after its last newline: a row cut by a kill would join the next one."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    size = f.seek(0, os.SEEK_END)
+    start = max(0, size - 65536)  # far longer than a row
+    f.seek(start)
+    tail = f.read()
+    if tail and not tail.endswith(b'\n'):
+      f.truncate(start + tail.rfind(b'\n') + 1)
+
+
 class Writer:
   """Writes scalars of one step and split to every sink; only the main process writes anything."""
 
@@ -30,7 +45,9 @@ class Writer:
     if not is_main:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    _drop_partial_line(path)
+    self._jsonl = open(path, 'a')
     if _tensorflow_available():
       from clu import metric_writers
 

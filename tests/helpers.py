@@ -1,5 +1,6 @@
 """Small runs shared by the end-to-end tests: a ResNet-8 config, its CLI flags, the CLI, checkpoints."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -51,6 +52,7 @@ def small_run(**overrides):
     log_every_steps=2,
     eval_every_steps=3,
     checkpoint_every_steps=3,
+    bn_stats_images=64,  # the exact-BN test error at the end: two batches
   )
   for key, value in overrides.items():
     section, field = key.split('__')
@@ -105,3 +107,16 @@ def write_image_folder(
         Image.fromarray(x).save(os.path.join(root, rel))
         pixels[rel] = x
   return pixels
+
+
+TIMING = ('time', 'steps_per_sec', 'images_per_sec', 'eta_min')
+
+
+def last_rows(workdir):
+  """metrics.jsonl as {(step, split): row without timing}: a step logged again after a resume counts
+  with its last row. Every line must be a whole JSON object."""
+  rows = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    rows[row['step'], row['split']] = {k: v for k, v in row.items() if k not in TIMING}
+  return rows

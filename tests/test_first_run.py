@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
-from helpers import small_run, write_image_folder
+from helpers import as_flags, run_cli, small_run, write_image_folder
 
-from resnet_jax import checkpointing, data, defaults, optim, train, validate
+from resnet_jax import bn_stats, checkpointing, data, defaults, optim, train, validate
 
 
 def test_tools_accept_relative_and_home_workdirs(tmp_path, monkeypatch):
@@ -81,3 +81,31 @@ def test_evaluate_prints_only_its_json(tmp_path):
   )
   (line,) = result.stdout.strip().splitlines()
   assert json.loads(line)['step'] == 6
+
+
+def test_results_report_both_bn_statistics_and_the_time_of_every_segment(tmp_path):
+  train.train_and_evaluate(small_run(train__num_steps=3), str(tmp_path))
+  results = train.train_and_evaluate(small_run(), str(tmp_path))  # resumed at step 3
+  segments = results['segments']
+  assert [(s['start_step'], s['end_step']) for s in segments] == [(0, 3), (3, 6)]
+  assert results['wall_time_s'] == pytest.approx(sum(s['wall_time_s'] for s in segments))
+  assert results['bn_statistics'] == 'moving_average'
+  assert results['test_error'] == results['test_error_moving_average_bn']
+  recomputed = bn_stats.recalibrate_workdir(str(tmp_path), num_images=64)  # the same 64 images
+  assert results['test_error_exact_bn'] == pytest.approx(
+    recomputed['recomputed']['error'], abs=1e-6
+  )
+  assert results['test_error'] == pytest.approx(recomputed['checkpoint']['error'], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_end_of_a_run_says_where_everything_is_and_a_rerun_changes_nothing(tmp_path):
+  config = small_run()
+  first = run_cli(tmp_path, *as_flags(config))
+  results = (tmp_path / 'results.json').read_bytes()
+  error = json.loads(results)['test_error']
+  assert f'test error {100 * error:.2f}%' in first.stdout
+  assert str(tmp_path / 'results.json') in first.stdout and 'tensorboard --logdir' in first.stdout
+  again = run_cli(tmp_path, *as_flags(config))
+  assert 'already at step 6 of 6' in again.stderr
+  assert (tmp_path / 'results.json').read_bytes() == results

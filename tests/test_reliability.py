@@ -1,5 +1,7 @@
-"""Long preemptible runs: kill and resume, signals, damaged checkpoints, divergence, wrong workdirs, bad input."""
+"""Long preemptible runs: kill and resume, signals, damaged checkpoints, a full disk, readers beside a writer,
+divergence, wrong workdirs, bad input."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,12 +21,13 @@ from helpers import (
   assert_same_checkpoints,
   checkpoint_steps,
   final_params,
+  last_rows,
   run_cli,
   small_run,
 )
 from PIL import Image
 
-from resnet_jax import checkpointing, train
+from resnet_jax import checkpointing, train, workdir_lock
 
 pytestmark = pytest.mark.slow  # CLI processes killed, signalled and rerun
 
@@ -44,11 +47,16 @@ def straight(tmp_path_factory):
   return workdir
 
 
-def start_cli(workdir, config):
+_WITHOUT_TF = (
+  "import runpy, sys; sys.modules['tensorflow'] = None; sys.argv[0] = 'resnet_jax.main'; "
+  "runpy.run_module('resnet_jax.main', run_name='__main__')"
+)  # python -m resnet_jax.main without TensorBoard, whose TensorFlow import costs each start seconds
+
+
+def start_cli(workdir, config, tensorflow=True):
   cmd = [
     sys.executable,
-    '-m',
-    'resnet_jax.main',
+    *(['-m', 'resnet_jax.main'] if tensorflow else ['-c', _WITHOUT_TF]),
     '--config=configs/cifar10_20.py',
     f'--workdir={workdir}',
     *as_flags(config),
@@ -109,9 +117,199 @@ def test_signal_saves_the_current_step_and_restart_continues(tmp_path, straight,
     5 <= stopped < LONG['train__num_steps'] and checkpoint_steps(tmp_path)[-1] == stopped
   )  # not only the periodic ones
   assert 'rerun the same command to continue' in err.strip().splitlines()[-1]
+  assert not (tmp_path / 'lock.json').exists()  # released on the way out
   if sig == signal.SIGTERM:
     run_cli(tmp_path, *as_flags(config))
     assert_same_checkpoints(straight, tmp_path)
+
+
+def _leftover_temporaries(workdir):
+  return sorted(
+    p.name for p in (pathlib.Path(workdir) / 'checkpoints').glob('*.orbax-checkpoint-tmp*')
+  )
+
+
+def _assert_same_run(straight, workdir):
+  """Bit-identical final state, the same last row per (step, split), the same results.json numbers."""
+  assert_same_checkpoints(straight, workdir)
+  assert last_rows(workdir) == last_rows(straight)
+  numbers = ('test_error', 'test_loss', 'steps', 'nonfinite_steps')
+  results = [
+    json.loads((pathlib.Path(w) / 'results.json').read_text()) for w in (straight, workdir)
+  ]
+  assert [{k: r[k] for k in numbers} for r in results] == [{k: results[0][k] for k in numbers}] * 2
+  assert not (pathlib.Path(workdir) / 'checkpoints' / 'corrupt').exists()
+  assert not (pathlib.Path(workdir) / 'lock.json').exists()
+
+
+@contextlib.contextmanager
+def small_disk(path, size):
+  """A size-limited tmpfs at `path` (needs mount privileges); yields a function that resizes it."""
+  path.mkdir()
+  mounted = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True
+  )
+  if mounted.returncode:
+    pytest.skip(f'cannot mount a tmpfs here ({mounted.stderr.strip()}): the injected variant runs')
+  try:
+    yield lambda new: subprocess.run(
+      ['mount', '-o', f'remount,size={new}', str(path)], check=True, capture_output=True
+    )
+  finally:
+    subprocess.run(['umount', '-l', str(path)], capture_output=True)
+
+
+_FULL_AFTER = 16
+_INJECT = f"""
+import asyncio, errno, runpy, sys
+import jax
+from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler as handler
+original = handler.BasePyTreeCheckpointHandler._write_metadata_after_commits
+async def full_disk(self, commit_futures, **kwargs):
+  # the arrays are written, the metadata write finds the disk full: what a real full disk does too
+  directory = str(jax.tree.leaves(kwargs['param_infos'])[0].parent_dir)
+  step = int(directory.split('/checkpoints/')[1].split('.')[0])
+  if step >= {_FULL_AFTER}:
+    for f in commit_futures:
+      await asyncio.to_thread(f.result)
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  return await original(self, commit_futures, **kwargs)
+handler.BasePyTreeCheckpointHandler._write_metadata_after_commits = full_disk
+sys.argv[0] = 'resnet_jax.main'
+runpy.run_module('resnet_jax.main', run_name='__main__')
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('disk', ['tmpfs', 'injected'])
+def test_full_disk_stops_in_one_sentence_and_the_rerun_continues(tmp_path, straight, disk):
+  config = as_flags(small_run(**LONG))
+  with contextlib.ExitStack() as stack:
+    if disk == 'tmpfs':  # room for three checkpoints of ~0.8 MiB, not for four
+      resize = stack.enter_context(small_disk(tmp_path / 'disk', '2600k'))
+      workdir = tmp_path / 'disk' / 'run'
+      cmd = [sys.executable, '-m', 'resnet_jax.main']
+    else:
+      workdir = tmp_path / 'run'
+      cmd = [sys.executable, '-c', _INJECT]
+    cmd += ['--config=configs/cifar10_20.py', f'--workdir={workdir}', *config]
+    full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # one sentence of ours; orbax's background threads log their own error lines around it (one line
+    # each) and tensorstore prints a traceback of its own, but none passes through this package
+    errors = [line for line in full.stderr.splitlines() if line.startswith('error: ')]
+    assert full.returncode == 2 and len(errors) == 1, full.stderr[-3000:]
+    assert f'{REPO}/resnet_jax/' not in full.stderr
+    last = errors[0]
+    assert last.startswith('error: cannot write the checkpoint of step '), last
+    failed = int(last.split('of step ')[1].split(' ')[0])
+    good = int(last.split('the last good checkpoint is step ')[1].split(':')[0])
+    assert '(no space left on device)' in last and 'MiB are free' in last
+    assert checkpoint_steps(workdir)[-1] == good < failed < LONG['train__num_steps']
+    if disk == 'injected':
+      assert failed == _FULL_AFTER
+    assert _leftover_temporaries(workdir) == []  # nothing a resume could mistake for a step
+    assert not (workdir / 'results.json').exists() and not (workdir / 'lock.json').exists()
+    if disk == 'tmpfs':
+      resize('64m')  # space freed
+    run_cli(workdir, *config)
+    _assert_same_run(straight, workdir)
+    print(f'{disk}: {last}')
+
+
+KILLS = dict(
+  train__num_steps=12,
+  train__checkpoint_every_steps=1,
+  train__log_every_steps=1,
+  train__eval_every_steps=6,
+)
+
+
+def _last_train_step(workdir):
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return 0
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith('}')]
+  return max((r['step'] for r in rows if r['split'] == 'train'), default=0)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_the_same_command_ends_as_uninterrupted(tmp_path):
+  """Kills land anywhere in the loop: in a step, a log write, an evaluation, a checkpoint write."""
+  config = small_run(**KILLS)
+  straight = tmp_path / 'straight'
+  train.train_and_evaluate(config, str(straight))
+  workdir = tmp_path / 'killed'
+  rng = np.random.default_rng(0)
+  kills, inside_save = [], 0
+  while len(kills) < 4:
+    proc = start_cli(workdir, config, tensorflow=False)
+    wait_for_step(workdir, _last_train_step(workdir) + 1, proc)  # past start-up: in the loop
+    time.sleep(rng.uniform(0, 1.0))
+    if proc.poll() is not None:  # finished before the kill
+      break
+    proc.kill()
+    proc.wait()
+    leftovers = _leftover_temporaries(workdir)  # a save was under way when the process died
+    inside_save += bool(leftovers)
+    kills.append((_last_train_step(workdir), leftovers))
+  final = run_cli(workdir, *as_flags(config))
+  assert 'Took over the stale lock' in final.stderr  # the killed run's lock: its pid is gone
+  _assert_same_run(straight, workdir)
+  print(
+    f'{len(kills)} kills (last logged step, leftover temporaries): {kills}; {inside_save} in a save'
+  )
+  assert len(kills) >= 3
+
+
+@pytest.mark.slow
+def test_readers_beside_a_writer_read_complete_steps_and_leave_it_alone(tmp_path):
+  flags = dict(
+    train__num_steps=60,
+    train__checkpoint_every_steps=2,
+    train__log_every_steps=2,
+    train__eval_every_steps=60,
+  )
+  config = small_run(**flags)
+  straight = tmp_path / 'straight'  # every checkpoint kept: the history a reader must match
+  train.train_and_evaluate(small_run(**flags, train__keep_checkpoints=100), str(straight))
+  workdir = tmp_path / 'run'
+  writer = start_cli(workdir, config)
+  wait_for_step(workdir, 3, proc=writer)  # the checkpoint of step 2 is under way or written
+  while not (workdir / 'checkpoints').exists() or not checkpoint_steps(workdir):
+    assert writer.poll() is None
+    time.sleep(0.02)
+  with pytest.raises(workdir_lock.WorkdirLocked, match=f'being trained by pid {writer.pid} '):
+    train.train_and_evaluate(config, str(workdir))  # a second training, refused at once
+  evaluate = subprocess.Popen(
+    [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}'],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  reads = []
+  while writer.poll() is None:
+    run = checkpointing.open_workdir(workdir)
+    reads.append((run.step, run.state['params']))
+  evaluate_running = evaluate.poll() is None
+  out, err = evaluate.communicate(timeout=300)
+  assert evaluate.returncode == 0, err[-3000:]
+  evaluated = json.loads(out.strip().splitlines()[-1])
+  assert writer.returncode == 0, writer.stderr.read()[-3000:]
+  steps = sorted({step for step, _ in reads})
+  history = {
+    step: ocp.StandardCheckpointer().restore(straight / 'checkpoints' / str(step) / 'default')
+    for step in steps
+  }
+  for step, params in reads:  # the uninterrupted run's params at that step, bit for bit
+    expected = jax.tree.leaves(history[step]['params'])
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params), expected)), step
+  assert evaluated['step'] in range(2, 61, 2) and evaluated['count'] == 100
+  _assert_same_run(straight, workdir)  # the writer undisturbed: same end, nothing moved to corrupt/
+  print(
+    f'{len(reads)} reads of steps {steps}; evaluate read step {evaluated["step"]} '
+    f'(still running when the writer ended: {evaluate_running})'
+  )
 
 
 def _truncate_data(step_dir):
