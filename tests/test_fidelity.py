@@ -27,7 +27,4 @@ def test_resnet1202_warms_up_finite_and_its_loss_falls(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   losses = [r['loss'] for r in rows if r['split'] == 'train']
   assert len(losses) == 6 and np.all(np.isfinite(losses))
-  assert losses[-1] < 0.8 * losses[0], losses  # memorising 16 images under the warm-up lr
-  assert all(
-    r['lr'] == pytest.approx(0.01) for r in rows if r['split'] == 'train'
-  )  # still warming up
+  assert losses[-1] < 0.8 * losses[0], losses  # memorising 16 images, starting at lr 0.01
