@@ -9,9 +9,9 @@ has all of the config's iterations (64,000) with the recipe of configs/cifar10_<
 batch size, real data, the full test set); shorter runs are listed as partial and runs of another recipe
 as not counted. Per depth the table gives best (mean ± std) of the test error over the counted seeds, as
 the paper does for ResNet-110, twice: with the moving-average BN statistics training leaves (the
-checkpointed model's) and with exact statistics recomputed over training images after training. Their
-difference says how much of a gap between runs is BN noise; runs whose results.json has `test_error`
-alone count with "—" for the statistics they lack.
+checkpointed model's) and with exact statistics recomputed over training images after training: their
+difference says how much the number depends on the BN statistics. Runs whose results.json has
+`test_error` alone count, with "—" for the statistics they lack.
 
 The paper chose the CIFAR schedule on a 45k/5k train/val split, then trained on all 50k for Table 6. A
 run of the recipe with `data.val_split=5000` is such a validation run: it is reported in its own section
