@@ -2,7 +2,12 @@
 
 import os
 import pathlib
+import sys
 import tarfile
+
+# torchvision imports triton, which the CPU never uses and which crashes the process (a segmentation fault
+# while loading its LLVM) when TensorFlow was loaded first, as it is in this session: keep it out.
+sys.modules.setdefault('triton', None)
 
 # Before jax is imported anywhere: eight CPU devices so data-parallel code runs as on a pod slice.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
