@@ -20,6 +20,7 @@ converted model's config fixes its framework's preprocessing instead (`data.inpu
 synsets that tfds ships, so a folder holding a subset of the classes keeps the real label ids.
 """
 
+import ast
 import dataclasses
 import hashlib
 import importlib.util
@@ -110,6 +111,31 @@ def fixed_mean_image(cfg) -> np.ndarray | None:
   if len(cfg.channel_mean):
     return np.zeros((crop, crop, 3), np.float32)
   return None
+
+
+def ilsvrc_names() -> list[str]:
+  """The 1000 ILSVRC2012 class names ('tench, Tinca tinca', ...) in label order (the sorted WordNet ids).
+
+  tensorflow_datasets ships them as IMAGENET_LABELS_LIST in datasets/siscore/labels.py; the list is read
+  from the file, not imported (tfds imports TensorFlow).
+  """
+  spec = importlib.util.find_spec('tensorflow_datasets')
+  path = spec and os.path.join(
+    spec.submodule_search_locations[0], 'datasets', 'siscore', 'labels.py'
+  )
+  names = None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      for node in ast.parse(f.read()).body:
+        targets = [getattr(t, 'id', None) for t in getattr(node, 'targets', ())]
+        if 'IMAGENET_LABELS_LIST' in targets:
+          names = ast.literal_eval(node.value)
+  if not names or len(names) != NUM_CLASSES:
+    raise DataError(
+      'ImageNet class names come from the list tensorflow_datasets ships (datasets/siscore/labels.py); '
+      'install tensorflow-datasets (pip install tensorflow-datasets).'
+    )
+  return list(names)
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -339,6 +365,15 @@ def one_crop_view(tf, data, cfg, mean_image):
   """Shorter side data.eval_resize, the centre crop: [crop, crop, 3]."""
   crops = _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), False)
   return normalize(crops, cfg, mean_image)
+
+
+def one_crop(data: bytes, cfg, mean_image) -> np.ndarray:
+  """one_crop_view of one encoded image, eagerly: float32 [crop, crop, 3]; DataError if it does not decode."""
+  tf = _tf()
+  try:
+    return one_crop_view(tf, tf.constant(data), cfg, mean_image).numpy()
+  except tf.errors.OpError:
+    raise DataError('not an image file TensorFlow decodes (JPEG, PNG, GIF, BMP or WebP).') from None
 
 
 def ten_crop_view(tf, data, cfg, mean_image):
