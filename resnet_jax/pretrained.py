@@ -460,14 +460,14 @@ def train_state(config, variables):
   """Training's TrainState of `config` holding `variables` at step 0 (zero momentum)."""
   model = models.create(config.model)
   tx = optim.create(config.optimizer)
-  small = config.copy_and_resolve_references()
-  small.data.image_size = 32  # the parameters do not depend on the input size: a cheap init
-  state = train.create_train_state(small, model, tx, jax.random.key(config.seed))
-  fitted = {
-    k: jax.tree.map(lambda new, old: np.asarray(new, old.dtype), variables[k], getattr(state, k))
+  key = jax.random.key(config.seed)
+  x = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), np.float32)
+  initial = jax.eval_shape(lambda x: model.init(key, x, train=False), x)
+  fitted = {  # the network's own tree (raises if the converted one differs), in its dtypes
+    k: jax.tree.map(lambda new, want: np.asarray(new, want.dtype), variables[k], initial[k])
     for k in ('params', 'batch_stats')
   }
-  return state.replace(**fitted)
+  return train.create_train_state(config, model, tx, key, variables=fitted)
 
 
 def _same_arrays(a, b):
