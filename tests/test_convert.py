@@ -365,3 +365,37 @@ def test_predict_cli(torchvision_workdir, imagenet_sample_folder, tmp_path):
   assert top['label'] == int(np.argmax(p))
   np.testing.assert_allclose(top['probability'], p.max(), rtol=1e-4)
   assert _snapshot(torchvision_workdir) == before  # predict only reads
+
+
+def test_default_preprocessing_is_the_papers_bit_for_bit():
+  """The new fields' defaults keep (x - mean image) / 255 exactly; torchvision's are ToTensor+Normalize."""
+  rng = np.random.default_rng(0)
+  pixels = rng.uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
+  mean = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+  config = defaults.get_imagenet_config().data
+  assert not imagenet.fixed_preprocessing(config) and imagenet.fixed_mean_image(config) is None
+  np.testing.assert_array_equal(imagenet.normalize(pixels, config, mean), (pixels - mean) / 255)
+  spec = pretrained.PREPROCESSING['torchvision']
+  config.update(channel_mean=spec['mean'], channel_std=spec['std'])
+  assert imagenet.fixed_preprocessing(config)
+  zeros = imagenet.fixed_mean_image(config)
+  assert zeros.shape == (224, 224, 3) and not zeros.any()
+  reference = torchvision.transforms.Normalize(spec['mean'], spec['std'])(
+    torch.from_numpy(pixels).permute(0, 3, 1, 2) / 255
+  )
+  np.testing.assert_allclose(
+    imagenet.normalize(pixels, config, 0.0), reference.permute(0, 2, 3, 1).numpy(), atol=1e-6
+  )
+
+
+def test_preprocessing_fields_are_validated():
+  from resnet_jax import validate
+
+  config = defaults.get_imagenet_config()
+  config.data.channel_std = (0.2, 0.0, 0.2)
+  with pytest.raises(validate.ConfigError, match='data.channel_std must be positive'):
+    validate.check(config)
+  config = defaults.get_config()  # CIFAR: in memory, always its own mean image
+  config.data.channel_mean = (0.5, 0.5, 0.5)
+  with pytest.raises(validate.ConfigError, match='describe ImageNet input'):
+    validate.check(config)
