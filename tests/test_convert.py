@@ -261,6 +261,10 @@ def test_convert_cli_writes_workdirs(weights, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert (tmp_path / 'caffe' / 'mean_image.npy').exists()
   assert checkpointing.open_workdir(tmp_path / 'caffe').config.name == 'caffe_resnet50'
+  described = _cli('summary', f'--workdir={tmp_path / "caffe"}', '--json')
+  assert described.returncode == 0, described.stderr[-2000:]
+  _, params, _ = summary.count(defaults.from_workdir(tmp_path / 'caffe'))
+  assert json.loads(described.stdout)['params'] == params > 25_000_000
   # The same conversion again finds it there and writes nothing.
   before = _snapshot(tmp_path / 'tv')
   again = _cli(
