@@ -526,17 +526,21 @@ def write_workdir(workdir, source, weights, depth, mean=None, config=None):
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConversionError(f'{workdir} is a file: pass a folder as the workdir.')
-  if _holds_this(workdir, config, variables, mean_image):
+  config_path = os.path.join(workdir, 'config.json')
+  holds = _holds_this(workdir, config, variables, mean_image)
+  if holds and os.path.exists(config_path):
     return config, False
-  state = train_state(config, variables)
-  os.makedirs(workdir, exist_ok=True)
-  if mean_image is not None:
-    np.save(os.path.join(workdir, MEAN_IMAGE_FILE), mean_image)
-  mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
-  checkpointing.save(mngr, state, 0)
-  mngr.wait_until_finished()
-  mngr.close()
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  if not holds:
+    state = train_state(config, variables)
+    os.makedirs(workdir, exist_ok=True)
+    if mean_image is not None:
+      np.save(os.path.join(workdir, MEAN_IMAGE_FILE), mean_image)
+    mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
+    checkpointing.save(mngr, state, 0)
+    mngr.wait_until_finished()
+    mngr.close()
+  # Last, so that a workdir with config.json is complete; also completes an interrupted conversion.
+  with open(config_path, 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   return config, True
 

@@ -403,3 +403,19 @@ def test_preprocessing_fields_are_validated():
   config.data.channel_mean = (0.5, 0.5, 0.5)
   with pytest.raises(validate.ConfigError, match='describe ImageNet input'):
     validate.check(config)
+
+
+def test_rewriting_finds_the_conversion_and_completes_an_interrupted_one(
+  weights, torchvision_workdir, tmp_path
+):
+  import shutil
+
+  workdir = tmp_path / 'copy'
+  shutil.copytree(torchvision_workdir, workdir)
+  pth = weights['folder'] / 'resnet18.pth'
+  before = _snapshot(workdir)
+  assert pretrained.write_workdir(workdir, 'torchvision', pth, 18)[1] is False
+  assert _snapshot(workdir) == before
+  (workdir / 'config.json').unlink()  # interrupted before its last write
+  assert pretrained.write_workdir(workdir, 'torchvision', pth, 18)[1] is True
+  assert _snapshot(workdir) == before
