@@ -241,7 +241,7 @@ class Run:
     return {k: self.state[k] for k in ('params', 'batch_stats')}
 
 
-def _complete_steps(directory) -> list:
+def complete_steps(directory) -> list:
   """Finished checkpoints, newest first: orbax writes into a temporary name and renames when done."""
   if not os.path.isdir(directory):
     return []
@@ -262,7 +262,7 @@ def open_workdir(workdir, config=None) -> Run:
       )
     config = defaults.from_workdir(workdir)
   directory = checkpoint_dir(workdir)
-  steps = _complete_steps(directory)
+  steps = complete_steps(directory)
   if not steps:
     raise FileNotFoundError(
       f'{workdir} holds no checkpoint yet: train first (python -m resnet_jax.main) or '

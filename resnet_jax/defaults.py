@@ -57,6 +57,16 @@ def get_config():
   config.data.train_limit = 0
   config.data.eval_limit = 0
   config.data.prefetch = 2  # batches placed on devices ahead of the step
+  # ImageNet's network input: x = (pixels in 0..255 - mean image) / (1 / input_scale), then
+  # (x - channel_mean) / channel_std. The mean image is data.mean_image_file (float32 [crop, crop, 3]
+  # RGB .npy; relative to the workdir in a workdir's config.json) when set; else none when
+  # channel_mean is set; else the per-pixel mean computed from training images (the paper). A
+  # converted model's config says how its framework preprocessed (torchvision: 1/255, ImageNet's
+  # channel mean and std; Caffe: 1, the released mean image); the defaults are the paper's.
+  config.data.input_scale = 1 / 255
+  config.data.channel_mean = ()  # in input units (after input_scale); () = none
+  config.data.channel_std = ()  # () = 1
+  config.data.mean_image_file = ''
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global, over all devices of all hosts
@@ -162,7 +172,7 @@ def from_workdir(workdir):
   """The config a workdir was trained with (its config.json), on top of today's defaults.
 
   Fields added after the run was started take their default values, so tools keep working on older runs;
-  tuples come back as tuples.
+  tuples come back as tuples, and a relative data.mean_image_file is the workdir's file.
   """
   with open(os.path.join(os.path.expanduser(workdir), 'config.json')) as f:
     saved = json.load(f)
@@ -176,4 +186,9 @@ def from_workdir(workdir):
         node[key] = tuple(value) if isinstance(node.get(key), tuple) else value
 
   merge(config, saved)
+  mean_image_file = config.data.mean_image_file
+  if mean_image_file and not os.path.isabs(mean_image_file):
+    config.data.mean_image_file = os.path.join(
+      os.path.abspath(os.path.expanduser(workdir)), mean_image_file
+    )
   return config

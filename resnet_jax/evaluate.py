@@ -101,7 +101,7 @@ def _multiscale_scores(model, variables, ds, config, mesh):
     shapes = [imagenet.bucket_shape(h, w, scale) for h, w in sizes]
     for h, w in sorted(set(shapes)):
       index = [i for i, s in enumerate(shapes) if s == (h, w)]
-      view = lambda tf, d, h=h, w=w: imagenet.scale_view(tf, d, h, w, channel_mean)  # noqa: E731
+      view = lambda tf, d, h=h, w=w: imagenet.scale_view(tf, d, h, w, config.data, channel_mean)  # noqa: E731
       per_batch = _per_batch(config.train.eval_batch_size, 2, h * w, mesh.size)
       batches = ds.view_batches(view, (h, w, 3), per_batch, process_index, process_count, index)
       total[index] += _scores(fn, variables, batches, mesh, config.data.prefetch)

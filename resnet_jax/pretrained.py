@@ -1,18 +1,25 @@
 """Released ResNet weights as this codebase's variables: torchvision's and the paper's Caffe models.
 
-Pure conversions, NumPy in and out. Each returns the `config.model` fields the weights need (the two
-sources differ in where a bottleneck strides and in the stem's pool alignment) and the variables
+The conversions are pure, NumPy in and out. Each returns the `config.model` fields the weights need (the
+two sources differ in where a bottleneck strides and in the stem's pool alignment) and the variables
 {'params', 'batch_stats'} of `models.create` with those fields. PREPROCESSING says what input each
 source's network expects; `preprocess` is its NumPy reference.
+
+`write_workdir` makes an ordinary workdir of them (config.json with the model and preprocessing fields,
+the mean image, a step-0 checkpoint in training's TrainState layout), so every tool takes a converted
+model like a trained one; `load(workdir)` gives (model, variables) back.
 """
 
+import json
 import os
 import re
 
+import jax
 import numpy as np
+from flax import traverse_util
 from google.protobuf import message
 
-from resnet_jax import caffe_proto, models
+from resnet_jax import caffe_proto, checkpointing, defaults, models, optim, train
 
 DEPTHS = tuple(sorted(models.IMAGENET_STAGES))
 CAFFE_DEPTHS = (50, 101, 152)  # the released models
@@ -395,3 +402,151 @@ def mean_image_from_binaryproto(blob_proto):
   if array.ndim != 3 or array.shape[0] != 3 or array.size == 0:
     raise ConversionError(f'{what} holds a blob of shape {array.shape}, not a colour image: {fix}.')
   return np.ascontiguousarray(array.transpose(1, 2, 0)[..., ::-1], np.float32)
+
+
+# ------------------------------------------------------------------------------------------ workdirs
+
+FORMATS = ('caffe', 'torchvision')
+MEAN_IMAGE_FILE = 'mean_image.npy'  # in the workdir; config.json names it relative to the workdir
+
+
+def _existing_file(path, what):
+  if not os.path.isfile(os.path.expanduser(os.fspath(path))):
+    raise ConversionError(f'{path} does not exist: pass the path of the {what}.')
+  return os.path.expanduser(os.fspath(path))
+
+
+def convert(source, weights, depth, mean=None, config=None):
+  """(config, variables, mean image or None) of released weights (a file path) of `source`.
+
+  The config is `config` (default: defaults.get_imagenet_config()) with the converter's model fields,
+  the name '<source>_resnet<depth>' and the source's preprocessing in data.*; a Caffe model's mean image
+  (its .binaryproto, `mean`) is float32 [crop, crop, 3] RGB. Raises ConversionError.
+  """
+  if source not in FORMATS:
+    raise ConversionError(f'Unknown weights format {source!r}: pass one of {", ".join(FORMATS)}.')
+  config = (config or defaults.get_imagenet_config()).copy_and_resolve_references()
+  weights = _existing_file(weights, 'weights file')
+  mean_image = None
+  if source == 'torchvision':
+    if mean is not None:
+      raise ConversionError('torchvision models take no mean image: leave out the mean file.')
+    overrides, variables = from_torchvision(load_state_dict(weights), depth)
+  else:
+    if mean is None:
+      raise ConversionError(
+        'A Caffe model needs the mean image released with it: pass ResNet_mean.binaryproto.'
+      )
+    overrides, variables = from_caffe(weights, depth)
+    mean_image = mean_image_from_binaryproto(_existing_file(mean, 'mean .binaryproto'))
+    crop = int(config.data.image_size)
+    if mean_image.shape != (crop, crop, 3):
+      raise ConversionError(
+        f'The mean image is {mean_image.shape[0]}x{mean_image.shape[1]} where the crop '
+        f'data.image_size is {crop}: pass the mean image of {crop}x{crop} crops.'
+      )
+  spec = PREPROCESSING[source]
+  config.name = f'{source}_resnet{depth}'
+  config.model.update(overrides)
+  config.data.input_scale = float(spec['scale'])
+  config.data.channel_mean = tuple(spec['mean']) if any(spec['mean']) else ()
+  config.data.channel_std = tuple(spec['std']) if any(v != 1 for v in spec['std']) else ()
+  config.data.mean_image_file = MEAN_IMAGE_FILE if spec['mean_image'] else ''
+  variables = models.convert_layout(variables, bool(config.model.scan_blocks))
+  return config, variables, mean_image
+
+
+def train_state(config, variables):
+  """Training's TrainState of `config` holding `variables` at step 0 (zero momentum)."""
+  model = models.create(config.model)
+  tx = optim.create(config.optimizer)
+  key = jax.random.key(config.seed)
+  x = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), np.float32)
+  initial = jax.eval_shape(lambda x: model.init(key, x, train=False), x)
+  fitted = {  # the network's own tree (raises if the converted one differs), in its dtypes
+    k: jax.tree.map(lambda new, want: np.asarray(new, want.dtype), variables[k], initial[k])
+    for k in ('params', 'batch_stats')
+  }
+  return train.create_train_state(config, model, tx, key, variables=fitted)
+
+
+def _same_arrays(a, b):
+  flat_a, flat_b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  return flat_a.keys() == flat_b.keys() and all(
+    np.shape(flat_a[k]) == np.shape(flat_b[k]) and np.array_equal(flat_a[k], flat_b[k])
+    for k in flat_a
+  )
+
+
+def _holds_this(workdir, config, variables, mean_image):
+  """Whether `workdir` already holds exactly this conversion (False: nothing of it yet); raises
+  ConversionError when it holds another network or other weights."""
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      saved = json.load(f)
+    if saved != json.loads(config.to_json_best_effort()):
+      raise ConversionError(
+        f'{workdir} already holds another run ({saved.get("name", "unnamed")}) whose config.json '
+        f'differs from {config.name}: choose a new --workdir.'
+      )
+  steps = checkpointing.complete_steps(checkpointing.checkpoint_dir(workdir))
+  if not steps:
+    return False
+  try:
+    run = checkpointing.open_workdir(workdir, config)
+  except FileNotFoundError:
+    run = None
+  mean_path = os.path.join(workdir, MEAN_IMAGE_FILE)
+  same = (
+    run is not None
+    and run.step == 0
+    and _same_arrays(run.variables, variables)
+    and (
+      mean_image is None
+      or (os.path.exists(mean_path) and np.array_equal(np.load(mean_path), mean_image))
+    )
+  )
+  if not same:
+    raise ConversionError(
+      f'{workdir} already holds a checkpoint of another network or other weights (step '
+      f'{steps[0]}): choose a new --workdir.'
+    )
+  return True
+
+
+def write_workdir(workdir, source, weights, depth, mean=None, config=None):
+  """(config, written): converts released weights into `workdir` (see `convert`), or finds them there.
+
+  Everything is read and checked before anything is written: a ConversionError leaves the workdir as it
+  was. Writes the mean image, the step-0 checkpoint, then config.json (a workdir with config.json is
+  complete); `written` is False when the workdir already held exactly this conversion.
+  """
+  config, variables, mean_image = convert(source, weights, depth, mean, config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConversionError(f'{workdir} is a file: pass a folder as the workdir.')
+  config_path = os.path.join(workdir, 'config.json')
+  holds = _holds_this(workdir, config, variables, mean_image)
+  if holds and os.path.exists(config_path):
+    return config, False
+  if not holds:
+    state = train_state(config, variables)
+    os.makedirs(workdir, exist_ok=True)
+    if mean_image is not None:
+      np.save(os.path.join(workdir, MEAN_IMAGE_FILE), mean_image)
+    mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
+    checkpointing.save(mngr, state, 0)
+    mngr.wait_until_finished()
+    mngr.close()
+  # Last, so that a workdir with config.json is complete; also completes an interrupted conversion.
+  with open(config_path, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return config, True
+
+
+def load(workdir):
+  """(model, variables {'params', 'batch_stats'}) of a workdir's newest checkpoint, converted or
+  trained, for model.apply(variables, x, train=False)."""
+  run = checkpointing.open_workdir(workdir)
+  return models.create(run.config.model), run.variables

@@ -5,6 +5,7 @@ module calls under jax.eval_shape. MACs come from each kernel's and output's sha
 analysis skips the padded taps of a conv and comes out ~8% low against the paper's Table 1.
 
   python -m resnet_jax.summary --config=configs/imagenet_resnet50.py [--json] [--diagram=fig.svg]
+  python -m resnet_jax.summary --workdir=DIR   # a run's or a converted model's config.json
 """
 
 import dataclasses
@@ -250,10 +251,17 @@ def as_json(network):
 
 
 def main(argv):
-  cli.no_arguments(argv, '--config, --json, --diagram, --collapse and --config.<field>=<value>')
+  cli.no_arguments(
+    argv, '--config or --workdir, --json, --diagram, --collapse and --config.<field>=<value>'
+  )
   from absl import flags
 
-  config = flags.FLAGS.config
+  if flags.FLAGS.workdir:
+    config = cli.config_or_workdir(flags.FLAGS.workdir)
+  elif flags.FLAGS.config is not None:
+    config = flags.FLAGS.config
+  else:
+    cli.fail('pass --config=configs/<experiment>.py or the --workdir of a run or converted model.')
   network = walk(config)
   if flags.FLAGS.diagram:
     diagram.write(network, flags.FLAGS.diagram, collapse=flags.FLAGS.collapse)
@@ -272,7 +280,8 @@ def main(argv):
 if __name__ == '__main__':
   from absl import flags
 
-  cli.define_config_flag(required=True)
+  cli.define_config_flag(required=False)
+  flags.DEFINE_string('workdir', None, "A run's or converted model's workdir: its config.json.")
   flags.DEFINE_bool('json', False, 'Print {"model", "params", "macs", "layers"} as JSON.')
   flags.DEFINE_string('diagram', None, "Also draw the network as the paper's Fig. 3 into this SVG.")
   flags.DEFINE_bool('collapse', None, 'Draw runs of identical blocks once; default: when deep.')

@@ -73,9 +73,12 @@ class TrainMetrics(metrics.Collection):
 EvalMetrics = TrainMetrics  # the same quantities; evaluation weights them by the padding mask
 
 
-def create_train_state(config, model, tx, rng) -> TrainState:
-  size = config.data.image_size
-  variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+def create_train_state(config, model, tx, rng, variables=None) -> TrainState:
+  """The state at step 0: `variables` ({'params', 'batch_stats'}, e.g. converted weights) or, by
+  default, the network initialised from `rng`."""
+  if variables is None:
+    size = config.data.image_size
+    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
   params = variables['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32),

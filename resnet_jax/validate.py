@@ -17,6 +17,32 @@ def _require(ok, message):
     raise ConfigError(message)
 
 
+def _check_preprocessing(data):
+  _require(
+    data.input_scale > 0,
+    f'data.input_scale must be positive (1/255: pixels in [0, 1]), got {data.input_scale}.',
+  )
+  for field in ('channel_mean', 'channel_std'):
+    _require(
+      len(data[field]) in (0, 3),
+      f'data.{field} must be () or one value per RGB channel, got {tuple(data[field])}.',
+    )
+  _require(
+    all(s > 0 for s in data.channel_std),
+    f'data.channel_std must be positive, got {tuple(data.channel_std)}.',
+  )
+  fixed = data.mean_image_file or len(data.channel_mean) or len(data.channel_std)
+  _require(
+    not fixed or data_lib.streamed(data),
+    'data.channel_mean, channel_std and mean_image_file describe ImageNet input (a converted '
+    "model's): other data subtracts its training images' mean image, so leave them empty.",
+  )
+  _require(
+    data.input_scale == 1 / 255 or data_lib.streamed(data),
+    'data.input_scale applies to ImageNet input: other data divides by 255, so leave it at 1/255.',
+  )
+
+
 def check(config, device_count=None, process_count=1):
   """Raises ConfigError for the first invalid field (device counts checked when given; models.create checks
   the model section)."""
@@ -153,6 +179,7 @@ def _check_data(data):
       f'data.eval_resize={data.eval_resize} is smaller than the crop data.image_size={data.image_size}.',
     )
     _require(data.mean_images > 0, f'data.mean_images must be positive, got {data.mean_images}.')
+  _check_preprocessing(data)
 
 
 def _check_devices(config, device_count, process_count):

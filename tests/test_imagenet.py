@@ -157,7 +157,7 @@ def test_multiscale_averages_scales_and_flips(imagenet_sample_folder, tmp_path):
     h, w = ds.eval_image_sizes()[i]
     for scale in config.data.eval_scales:
       bh, bw = imagenet.bucket_shape(h, w, scale)
-      x = imagenet.scale_view(tf, data, bh, bw, mean).numpy()[None]
+      x = imagenet.scale_view(tf, data, bh, bw, config.data, mean).numpy()[None]
       for view in (x, x[:, :, ::-1]):
         per_view.append(jax.nn.softmax(model.apply(variables, view, train=False))[0])
     expected.append(np.mean(per_view, axis=0))

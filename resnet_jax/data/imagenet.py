@@ -12,12 +12,15 @@ ever saved. Each process reads only its share of each global batch.
 
 Evaluation views: '1crop' (shorter side 256, centre 224), '10crop' (the four corners and the centre, and
 their flips), and the fully-convolutional 'scale' view used by multi-scale testing (shorter side s, the
-whole image). The 224 views subtract the per-pixel mean image (of the 1-crop views of `data.mean_images`
-training images); whole images of other sizes cannot take a 224x224 mean, so the scale view subtracts its
-per-channel mean. Labels are the index of the class's WordNet id in the sorted list of the 1000 ILSVRC2012
+whole image). Every view is `normalize`d as the config says: by default (the paper) the 224 views subtract
+the per-pixel mean image of the 1-crop views of `data.mean_images` training images and divide by 255; a
+converted model's config fixes its framework's preprocessing instead (`data.input_scale`, `channel_mean`,
+`channel_std`, `mean_image_file`) and needs no training images. Whole images of other sizes cannot take a
+224x224 mean, so the scale view subtracts its per-channel mean. Labels are the index of the class's WordNet id in the sorted list of the 1000 ILSVRC2012
 synsets that tfds ships, so a folder holding a subset of the classes keeps the real label ids.
 """
 
+import ast
 import dataclasses
 import hashlib
 import importlib.util
@@ -66,6 +69,73 @@ def ilsvrc_wnids() -> list[str]:
     )
   with open(path) as f:
     return [line.strip() for line in f if line.strip()]
+
+
+def fixed_preprocessing(cfg) -> bool:
+  """The config fixes the input's mean (a converted model's): no mean image from training images."""
+  return bool(cfg.mean_image_file) or len(cfg.channel_mean) > 0
+
+
+def normalize(image, cfg, mean_image):
+  """The network input from pixels in 0..255 (a tf tensor or NumPy array, RGB, channels last).
+
+  (pixels - mean image) / (1 / input_scale), then (x - channel_mean) / channel_std: with the defaults
+  today's (x - mean) / 255, with torchvision's fields ToTensor's x / 255 and Normalize's arithmetic.
+  """
+  x = (image - mean_image) / (1 / cfg.input_scale)
+  if len(cfg.channel_mean):
+    x = x - np.asarray(cfg.channel_mean, np.float32)
+  if len(cfg.channel_std):
+    x = x / np.asarray(cfg.channel_std, np.float32)
+  return x
+
+
+def fixed_mean_image(cfg) -> np.ndarray | None:
+  """The mean image the config fixes (float32 [crop, crop, 3], 0..255), or None: computed from data."""
+  crop = int(cfg.image_size)
+  if cfg.mean_image_file:
+    path = os.path.expanduser(cfg.mean_image_file)
+    try:
+      mean = np.load(path)
+    except (OSError, ValueError) as e:
+      raise DataError(
+        f'cannot read data.mean_image_file={path} ({type(e).__name__}): pass the mean image '
+        '(.npy) written by resnet_jax.convert.'
+      ) from None
+    if mean.shape != (crop, crop, 3):
+      raise DataError(
+        f'data.mean_image_file={path} holds an array of shape {mean.shape} where the crop '
+        f'data.image_size={crop} needs ({crop}, {crop}, 3): set data.image_size to its size.'
+      )
+    return mean.astype(np.float32)
+  if len(cfg.channel_mean):
+    return np.zeros((crop, crop, 3), np.float32)
+  return None
+
+
+def ilsvrc_names() -> list[str]:
+  """The 1000 ILSVRC2012 class names ('tench, Tinca tinca', ...) in label order (the sorted WordNet ids).
+
+  tensorflow_datasets ships them as IMAGENET_LABELS_LIST in datasets/siscore/labels.py; the list is read
+  from the file, not imported (tfds imports TensorFlow).
+  """
+  spec = importlib.util.find_spec('tensorflow_datasets')
+  path = spec and os.path.join(
+    spec.submodule_search_locations[0], 'datasets', 'siscore', 'labels.py'
+  )
+  names = None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      for node in ast.parse(f.read()).body:
+        targets = [getattr(t, 'id', None) for t in getattr(node, 'targets', ())]
+        if 'IMAGENET_LABELS_LIST' in targets:
+          names = ast.literal_eval(node.value)
+  if not names or len(names) != NUM_CLASSES:
+    raise DataError(
+      'ImageNet class names come from the list tensorflow_datasets ships (datasets/siscore/labels.py); '
+      'install tensorflow-datasets (pip install tensorflow-datasets).'
+    )
+  return list(names)
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -171,9 +241,11 @@ def _tfds_split(cfg, split: str) -> Split:
 def check(cfg) -> None:
   """Fast checks: the splits exist and are readable (lists the folders; opens the tfds sources)."""
   _splits(cfg)
+  fixed_mean_image(cfg)
 
 
-def _splits(cfg) -> tuple[Split, Split]:
+def _splits(cfg) -> tuple[Split | None, Split]:
+  """(train, eval); with fixed preprocessing the training split may be absent (None)."""
   if cfg.source == 'image_folder':
     root = os.path.abspath(os.path.expanduser(cfg.image_folder))
     if not os.path.isdir(root):
@@ -181,8 +253,17 @@ def _splits(cfg) -> tuple[Split, Split]:
         f'data.image_folder={root} is not a directory; ImageNet is read from a folder of '
         'split/<wnid>/<image>.JPEG (extract the archives first).'
       )
-    return _folder_split(root, cfg.train_split), _folder_split(root, cfg.eval_split)
-  return _tfds_split(cfg, cfg.train_split), _tfds_split(cfg, cfg.eval_split)
+    read = lambda split: _folder_split(root, split)  # noqa: E731
+  else:
+    read = lambda split: _tfds_split(cfg, split)  # noqa: E731
+  eval_split = read(cfg.eval_split)
+  try:
+    train = read(cfg.train_split)
+  except DataError:
+    if not fixed_preprocessing(cfg):  # the mean image comes from training images
+      raise
+    train = None
+  return train, eval_split
 
 
 # ------------------------------------------------------------------------------------------ views
@@ -242,7 +323,7 @@ def _inception_window(tf, shape, seed):
 
 
 def train_view(tf, data, seed, cfg, mean_image):
-  """One augmented training crop, (x - mean) / 255, float32 [crop, crop, 3]."""
+  """One augmented training crop, normalized, float32 [crop, crop, 3]."""
   crop = int(cfg.image_size)
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   shape = _shape(tf, data)
@@ -259,7 +340,7 @@ def train_view(tf, data, seed, cfg, mean_image):
   if cfg.lighting_std:
     alpha = tf.random.stateless_normal([3], seeds[2]) * cfg.lighting_std
     image += tf.linalg.matvec(tf.constant(EIGVEC), alpha * tf.constant(EIGVAL)) * 255
-  return (image - mean_image) / 255
+  return normalize(image, cfg, mean_image)
 
 
 def resize_shorter(tf, data, size):
@@ -282,22 +363,30 @@ def _crops(tf, image, crop, corners):
 
 def one_crop_view(tf, data, cfg, mean_image):
   """Shorter side data.eval_resize, the centre crop: [crop, crop, 3]."""
-  return (
-    _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), False) - mean_image
-  ) / 255
+  crops = _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), False)
+  return normalize(crops, cfg, mean_image)
+
+
+def one_crop(data: bytes, cfg, mean_image) -> np.ndarray:
+  """one_crop_view of one encoded image, eagerly: float32 [crop, crop, 3]; DataError if it does not decode."""
+  tf = _tf()
+  try:
+    return one_crop_view(tf, tf.constant(data), cfg, mean_image).numpy()
+  except tf.errors.OpError:
+    raise DataError('not an image file TensorFlow decodes (JPEG, PNG, GIF, BMP or WebP).') from None
 
 
 def ten_crop_view(tf, data, cfg, mean_image):
   """Corners (top-left, top-right, bottom-left, bottom-right), centre, then their flips: [10, crop, crop, 3]."""
-  return (
-    _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), True) - mean_image
-  ) / 255
+  crops = _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), True)
+  return normalize(crops, cfg, mean_image)
 
 
-def scale_view(tf, data, height, width, channel_mean):
-  """The whole image resized to height x width (a shape bucket of multi-scale testing)."""
+def scale_view(tf, data, height, width, cfg, channel_mean):
+  """The whole image resized to height x width (a shape bucket of multi-scale testing), normalized
+  with the mean image's per-channel mean."""
   image = tf.io.decode_image(data, channels=3, expand_animations=False)
-  return (_resize(tf, image, height, width) - channel_mean) / 255
+  return normalize(_resize(tf, image, height, width), cfg, channel_mean)
 
 
 def bucket_shape(h: int, w: int, scale: int) -> tuple[int, int]:
@@ -357,7 +446,7 @@ class ImageNet:
   def __init__(self, cfg, seed):
     self.cfg, self.seed = cfg, seed
     self.train, self.eval = _splits(cfg)
-    if 0 < cfg.train_limit < self.train.size:
+    if self.train is not None and 0 < cfg.train_limit < self.train.size:
       self.train = _subset(
         self.train, common.seeded_subset(self.train.size, cfg.train_limit, seed, 54321)
       )
@@ -371,7 +460,7 @@ class ImageNet:
 
   @property
   def num_train(self) -> int:
-    return self.train.size
+    return 0 if self.train is None else self.train.size
 
   @property
   def eval_labels(self) -> np.ndarray:
@@ -380,7 +469,11 @@ class ImageNet:
     return self._eval_labels
 
   def _mean_image(self) -> np.ndarray:
-    """Per-pixel mean of the 1-crop views of data.mean_images training images (a fixed random subset), cached."""
+    """The config's fixed mean image, else the per-pixel mean of the 1-crop views of data.mean_images
+    training images (a fixed random subset), cached."""
+    fixed = fixed_mean_image(self.cfg)
+    if fixed is not None:
+      return fixed
     n = min(int(self.cfg.mean_images), self.train.size)
     first = self.train.paths[:4] if self.train.paths is not None else ''
     ident = (
@@ -395,11 +488,10 @@ class ImageNet:
       return np.load(path)
     index = np.sort(np.random.default_rng(12345).permutation(self.train.size)[:n])
     crop = int(self.cfg.image_size)
-    zeros = np.zeros((crop, crop, 3), np.float32)
     batches = _pipeline(
       self.train,
       [(i, (0, 0)) for i in index],
-      lambda tf, d, s: one_crop_view(tf, d, self.cfg, zeros),
+      lambda tf, d, s: _crops(tf, resize_shorter(tf, d, self.cfg.eval_resize), crop, False) / 255,
       (crop, crop, 3),
       64,
       0,
@@ -411,6 +503,11 @@ class ImageNet:
 
   def train_batches(self, start_step, batch_size, seed, process_index=0, process_count=1):
     """This process's share of the augmented global batch of each step from start_step on."""
+    if self.train is None:
+      raise DataError(
+        f'the training split {self.cfg.train_split!r} is absent: training and exact BN statistics '
+        'need training images (data.train_split).'
+      )
     share = common.process_share(batch_size, process_index, process_count, 'train.batch_size')
 
     def items():

@@ -1,0 +1,143 @@
+"""The top classes of images under a workdir's model, converted or trained, preprocessed as its config says
+(the 1-crop view: shorter side data.eval_resize, the centre data.image_size crop).
+
+  python -m resnet_jax.predict --workdir=DIR IMAGE [IMAGE ...] [--top=5] [--json]
+
+For each image, its top classes: WordNet id, ImageNet name and probability. An image that cannot be read or
+decoded is named in one line on stderr and the others are still classified; the exit code is then 2. The
+workdir is only read.
+"""
+
+import json
+import os
+import sys
+
+from resnet_jax import cli
+
+BATCH = 32  # images per forward pass
+
+
+def mean_image(config):
+  """The config's fixed mean image, else the one computed (and cached) from its training images."""
+  from resnet_jax import data as data_lib
+  from resnet_jax.data import imagenet
+
+  fixed = imagenet.fixed_mean_image(config.data)
+  if fixed is not None:
+    return fixed
+  return data_lib.load(config.data, config.seed).mean_image
+
+
+def inputs(paths, config, mean):
+  """(network inputs of the images that decode, their paths, [(path, problem)] of the others)."""
+  from resnet_jax.data import imagenet
+
+  images, good, failed = [], [], []
+  for path in paths:
+    try:
+      with open(path, 'rb') as f:
+        data = f.read()
+      images.append(imagenet.one_crop(data, config.data, mean))
+      good.append(path)
+    except OSError as e:
+      failed.append((path, f'cannot be read ({e.strerror or type(e).__name__}).'))
+    except imagenet.DataError as e:
+      failed.append((path, f'is {e}'))
+  return images, good, failed
+
+
+def classify(run, paths, top):
+  """([{'image', 'top': [{'label', 'wnid', 'name', 'probability'}]}], [(path, problem)])."""
+  import jax
+  import numpy as np
+
+  from resnet_jax import models
+  from resnet_jax.data import imagenet
+
+  config = run.config
+  images, good, failed = inputs(paths, config, mean_image(config))
+  if not images:
+    return [], failed
+  model = models.create(config.model)
+  probabilities = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)))
+  scores = np.concatenate(
+    [
+      np.asarray(probabilities(run.variables, np.stack(images[i : i + BATCH])))
+      for i in range(0, len(images), BATCH)
+    ]
+  )
+  known = config.model.num_classes == imagenet.NUM_CLASSES
+  wnids = imagenet.ilsvrc_wnids() if known else None
+  names = imagenet.ilsvrc_names() if known else None
+  results = []
+  for path, p in zip(good, scores):
+    best = np.argsort(-p, kind='stable')[:top]
+    results.append(
+      {
+        'image': path,
+        'top': [
+          {
+            'label': int(k),
+            'wnid': wnids[k] if known else None,
+            'name': names[k] if known else f'class {k}',
+            'probability': float(p[k]),
+          }
+          for k in best
+        ],
+      }
+    )
+  return results, failed
+
+
+def as_text(results):
+  lines = []
+  for result in results:
+    lines.append(result['image'])
+    for c in result['top']:
+      lines.append(f'  {c["probability"]:.4f}  {c["wnid"] or c["label"]}  {c["name"]}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  from absl import flags
+
+  from resnet_jax import checkpointing
+  from resnet_jax import data as data_lib
+
+  FLAGS = flags.FLAGS
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ notices about each decode
+  paths = argv[1:]
+  if not paths:
+    cli.fail('no images given: pass one or more image paths after the flags.')
+  if FLAGS.top < 1:
+    cli.fail(f'--top={FLAGS.top} must be a positive number of classes.')
+  try:
+    run = checkpointing.open_workdir(FLAGS.workdir)
+  except FileNotFoundError as e:
+    cli.fail(str(e))
+  if run.config.data.name != 'imagenet2012':
+    cli.fail(
+      f'{FLAGS.workdir} holds a {run.config.data.name} model: predict classifies ImageNet images '
+      'with an ImageNet model (trained or converted).'
+    )
+  try:
+    results, failed = classify(run, paths, FLAGS.top)
+  except data_lib.DataError as e:
+    cli.fail(str(e))
+  for path, problem in failed:
+    print(f'error: {path} {problem}', file=sys.stderr)
+  print(json.dumps(results, indent=2) if FLAGS.json else as_text(results))
+  sys.stdout.flush()
+  if failed:
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  from absl import flags
+
+  cli.define_workdir_flag('A converted or trained ImageNet workdir (config.json + checkpoints).')
+  flags.DEFINE_integer('top', 5, 'Classes to print per image.')
+  flags.DEFINE_bool(
+    'json', False, 'Print a JSON list of {"image", "top": [{label, wnid, name, probability}]}.'
+  )
+  cli.run(main)
