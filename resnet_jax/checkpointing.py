@@ -110,7 +110,7 @@ def _write_failed(mngr, state, step, error) -> CheckpointWriteError:
       for path in paths:
         shutil.rmtree(path, ignore_errors=True)
   failed = max(unfinished, default=step)
-  complete = _complete_steps(directory)
+  complete = complete_steps(directory)
   needed = sum(
     x.nbytes for x in jax.tree.leaves(state)
   )  # the state's bytes, or a written one's size
@@ -281,7 +281,7 @@ def open_workdir(workdir, config=None) -> Run:
         )
         state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
     except Exception as e:  # noqa: BLE001  # any failure to read: name it, leave it, try the previous one
-      newer = [s for s in _complete_steps(directory) if s > step]
+      newer = [s for s in complete_steps(directory) if s > step]
       if not newer:  # no training rotated it away meanwhile: it is damaged
         logging.warning(
           'The checkpoint of step %d in %s cannot be read (%s); using an earlier one.',
@@ -290,7 +290,7 @@ def open_workdir(workdir, config=None) -> Run:
           _first_line(e),
         )
         damaged.add(step)
-      steps = [s for s in _complete_steps(directory) if s not in damaged]
+      steps = [s for s in complete_steps(directory) if s not in damaged]
       continue
     state = models.convert_layout(state, bool(config.model.get('scan_blocks', False)))
     return Run(workdir, config, step, state)
