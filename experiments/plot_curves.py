@@ -43,11 +43,14 @@ def run_name(workdir):
 
 
 def read_curves(workdir):
-  """{'train': (steps, errors), 'test': (steps, errors), 'name'}: errors in %, as plotted."""
+  """{'train': (steps, errors), 'test': (steps, errors), 'eval_split', 'name'}: errors in %, as plotted;
+  'test' holds the evaluation curve, on the test set or, with data.val_split, held-out training images."""
   rows = _rows(workdir)
+  splits = {r['split'] for r in rows}
   return {
     'train': _series(rows, ('train',)),
     'test': _series(rows, EVAL_SPLITS),
+    'eval_split': 'val' if 'val' in splits else 'test',
     'name': run_name(workdir),
   }
 
@@ -62,7 +65,9 @@ def plot(curves, labels, out, ymax=None):
   ax.set_xlabel('iterations')
   ax.set_ylabel('error (%)')
   ax.set_ylim(0, ymax)
-  ax.set_title('dashed: training error, bold: test error', fontsize=9)
+  held_out = {c.get('eval_split', 'test') for c in curves} == {'val'}
+  evaluation = 'held-out (val) error' if held_out else 'test error'
+  ax.set_title(f'dashed: training error, bold: {evaluation}', fontsize=9)
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()

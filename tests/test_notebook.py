@@ -23,7 +23,9 @@ def test_colab_notebook_runs_in_quick_mode(request, tmp_path, monkeypatch):
   else:  # not skipped: the notebook must also run where only synthetic data exists
     monkeypatch.setenv('RESNET_JAX_NOTEBOOK_DATA', 'synthetic')
   monkeypatch.setenv('RESNET_JAX_NOTEBOOK_QUICK', '1')
-  monkeypatch.setenv('RESNET_JAX_NOTEBOOK_WORKDIR', str(tmp_path / 'runs'))
+  monkeypatch.delenv('RESNET_JAX_NOTEBOOK_WORKDIR', raising=False)  # its own temporary folder...
+  monkeypatch.setenv('TMPDIR', str(tmp_path / 'tmp'))
+  (tmp_path / 'tmp').mkdir()
   # conftest's persistent compilation cache. Quick mode's steps (ResNet-8 and plain-8, batch 32, eval batch 64)
   # are helpers.small_run's, so the earlier tests have compiled them, and the resumed run reuses the first run's.
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir)
@@ -48,3 +50,11 @@ def test_colab_notebook_runs_in_quick_mode(request, tmp_path, monkeypatch):
     o.get('text', '') for c in notebook.cells if c.cell_type == 'code' for o in c.outputs
   )
   assert 'resumed at step 30, stopped at step 40' in printed
+  assert 'data: ' in printed.splitlines()[1]  # the first code cell says which data it uses
+  assert (
+    'oneDNN' not in printed and 'cpu_feature_guard' not in printed
+  )  # no TensorFlow start-up lines
+  left = [
+    p.name for p in (tmp_path / 'tmp').iterdir() if p.name != 'torchinductor_root'
+  ]  # torch's cache
+  assert left == []  # ...which the last cell removes, with the conversion's scratch folder
