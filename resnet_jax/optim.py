@@ -11,6 +11,7 @@ boundaries instead (e.g. epochs 30, 60, 90) so the two can be compared.
 """
 
 import functools
+import re
 
 import flax
 import jax
@@ -23,6 +24,7 @@ MOMENTUM_STYLES = ('caffe', 'pytorch', 'dampened')
 BOUNDARIES_AT = ('steps', 'fractions')
 WEIGHT_DECAY_ON = ('all', 'kernels')
 SCHEDULES = ('steps', 'plateau')
+_BN = re.compile(r'(\w+_)?bn\d*')  # models.py's BatchNorm modules
 
 
 class Plateau(flax.struct.PyTreeNode):
@@ -60,10 +62,10 @@ def decay_mask(params, weight_decay_on='all'):
 
 
 def bn_mask(params):
-  """BatchNorm's scale and bias (the modules named *bn: stem_bn, bn1..bn3, proj_bn)."""
+  """BatchNorm's scale and bias (the modules stem_bn, bn1..bn3 and proj_bn)."""
   flat = flax.traverse_util.flatten_dict(params)
   return flax.traverse_util.unflatten_dict(
-    {k: len(k) > 1 and str(k[-2]).endswith('bn') and k[-1] in ('scale', 'bias') for k in flat}
+    {k: len(k) > 1 and bool(_BN.fullmatch(str(k[-2]))) and k[-1] in ('scale', 'bias') for k in flat}
   )
 
 
