@@ -366,7 +366,8 @@ class Segments:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict.
+  """Trains `config` in `workdir`, resuming from its latest checkpoint (else starting from
+  config.init_from's weights, if set); returns the results.json dict.
 
   The data is read and checked before the workdir is created, so a run that cannot start leaves nothing.
   The workdir's lock (workdir_lock) is held throughout: a second training of the same workdir stops with
@@ -379,11 +380,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     config.model.num_classes = ds.num_classes
   check_num_classes(ds, config)
   source = finetune.source_variables(config, workdir)
-  if source is not None:  # checked before the workdir is created
-    source = finetune.initial_variables(config, models.create(config.model), source)
+  variables = None
+  if source is not None:  # read and checked before the workdir is created
+    variables = finetune.initial_variables(config, models.create(config.model), source)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock.held(workdir, config.train.lock_timeout_s):
-    return _train(config, workdir, ds, mesh, source)
+    return _train(config, workdir, ds, mesh, variables)
 
 
 def _train(config, workdir, ds, mesh, variables=None):
