@@ -16,6 +16,10 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.name = 'default'
   config.seed = 0
+  # A workdir (trained or converted) whose newest checkpoint's params and BN statistics start this run
+  # (a new classifier when model.num_classes differs; optimizer and step from 0). Only read while this
+  # run's workdir has no checkpoint: a resumed run continues from its own. '' = a random init.
+  config.init_from = ''
 
   config.model = ml_collections.ConfigDict()
   config.model.family = 'cifar'  # 'cifar' | 'imagenet'
@@ -23,7 +27,7 @@ def get_config():
   config.model.residual = True  # False: the paper's plain counterpart
   # 'A' zero-pad identity | 'B' projection when shape changes | 'C' always
   config.model.shortcut = 'A'
-  config.model.num_classes = 10
+  config.model.num_classes = 10  # 0: the data's number of classes (e.g. an image folder's)
   config.model.dtype = 'float32'  # computation dtype
   config.model.param_dtype = 'float32'
   config.model.stride_on_3x3 = False  # True: "v1.5" bottleneck; the paper strides the first 1x1
@@ -39,6 +43,9 @@ def get_config():
   # ImageNet stem's 3x3/2 max pool: 'symmetric' pads 1 each side | 'caffe' as the released Caffe
   # models (no padding, ceil rounding: windows start one pixel later).
   config.model.stem_pool = 'symmetric'
+  # True: BN keeps its statistics and affine terms fixed in training (running statistics in training
+  # mode, zero updates to scale and bias), as the paper's detection fine-tuning does.
+  config.model.freeze_bn = False
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'

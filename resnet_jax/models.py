@@ -224,16 +224,32 @@ class ResNet(nn.Module):
   remat: bool = False
   scan_blocks: bool = False
   stem_pool: str = 'symmetric'  # 'symmetric': pad 1 each side | 'caffe': windows from pixel 0, ceil
+  freeze_bn: bool = False  # BN uses its running statistics in training too (they stay as loaded)
+
+  def __call__(self, x, train: bool = True):
+    """The class logits (float32)."""
+    return self._forward(x, train, head=True)
+
+  def features(self, x, train: bool = False):
+    """The stage outputs for detection and other tasks, from the classifier's own forward pass.
+
+    ImageNet nets: {'stem': conv1 (stride 2), 'conv2'..'conv5': the paper's conv2_x..conv5_x (strides
+    4, 8, 16, 32)}; CIFAR nets: {'stem', 'conv2', 'conv3', 'conv4'} (strides 1, 2, 4). The classifier
+    pools the last of them: logits = fc(mean(features[last])). Use
+    `model.apply(variables, x, train=False, method=ResNet.features)`.
+    """
+    return self._forward(x, train, head=False)
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def _forward(self, x, train: bool, head: bool):
     he = nn.initializers.variance_scaling(2.0, self.init_mode, 'normal')
     conv = functools.partial(
       nn.Conv, use_bias=False, kernel_init=he, dtype=self.dtype, param_dtype=self.param_dtype
     )
     norm = functools.partial(
       BatchNorm,
-      use_running_average=not train,
+      # freeze_bn: the loaded statistics in training too (the paper's detection fine-tuning)
+      use_running_average=not train or self.freeze_bn,
       momentum=0.9,
       epsilon=1e-5,
       dtype=self.dtype,
@@ -246,8 +262,10 @@ class ResNet(nn.Module):
       x = nn.relu(
         norm(name='stem_bn')(conv(self.widths[0], (3, 3), padding=PAD3, name='stem_conv')(x))
       )
+      features = {'stem': x}
     else:
       x = nn.relu(norm(name='stem_bn')(conv(64, (7, 7), (2, 2), padding=PAD7, name='stem_conv')(x)))
+      features = {'stem': x}
       x = MaxPool(3, 2, stem_pool_padding(x.shape, self.stem_pool), name='pool')(x)  # -inf padding
     block_cls = nn.remat(self.block) if self.remat else self.block
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
@@ -277,6 +295,9 @@ class ResNet(nn.Module):
       else:
         for j in range(2, blocks + 1):
           x = block(strides=1, name=f'stage{i + 1}_block{j}')(x)
+      features[f'conv{i + 2}'] = x  # the paper's conv{i+2}_x: stage i+1
+    if not head:
+      return features
     x = GlobalAvgPool(name='avg_pool')(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='fc')(x)
     return x.astype(jnp.float32)
@@ -365,7 +386,8 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
   else:
     raise ValueError(f"Unknown model family {family!r}: use 'cifar' or 'imagenet'.")
   remat, scan_blocks = model_config.get('remat', False), model_config.get('scan_blocks', False)
-  for field, value in (('remat', remat), ('scan_blocks', scan_blocks)):
+  freeze_bn = model_config.get('freeze_bn', False)
+  for field, value in (('remat', remat), ('scan_blocks', scan_blocks), ('freeze_bn', freeze_bn)):
     if value not in (True, False):
       raise ValueError(f'model.{field} must be True or False, got {value!r}.')
   stem_pool = model_config.get('stem_pool', 'symmetric')
@@ -389,4 +411,5 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     remat=bool(remat),
     scan_blocks=bool(scan_blocks),
     stem_pool=stem_pool,
+    freeze_bn=bool(freeze_bn),
   )

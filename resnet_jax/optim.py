@@ -11,6 +11,7 @@ boundaries instead (e.g. epochs 30, 60, 90) so the two can be compared.
 """
 
 import functools
+import re
 
 import flax
 import jax
@@ -23,6 +24,7 @@ MOMENTUM_STYLES = ('caffe', 'pytorch', 'dampened')
 BOUNDARIES_AT = ('steps', 'fractions')
 WEIGHT_DECAY_ON = ('all', 'kernels')
 SCHEDULES = ('steps', 'plateau')
+_BN = re.compile(r'(\w+_)?bn\d*')  # models.py's BatchNorm modules
 
 
 class Plateau(flax.struct.PyTreeNode):
@@ -59,24 +61,42 @@ def decay_mask(params, weight_decay_on='all'):
   )
 
 
-def create(opt_config) -> optax.GradientTransformation:
-  """SGD whose learning rate sits in the optimizer state (`opt_state.hyperparams['learning_rate']`)."""
+def bn_mask(params):
+  """BatchNorm's scale and bias (the modules stem_bn, bn1..bn3 and proj_bn)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict(
+    {k: len(k) > 1 and bool(_BN.fullmatch(str(k[-2]))) and k[-1] in ('scale', 'bias') for k in flat}
+  )
+
+
+def create(opt_config, freeze_bn=False) -> optax.GradientTransformation:
+  """SGD whose learning rate sits in the optimizer state (`opt_state.hyperparams['learning_rate']`).
+
+  `freeze_bn` (model.freeze_bn): BN's scale and bias get zero updates, weight decay included.
+  """
 
   def sgd(learning_rate):
     mask = functools.partial(decay_mask, weight_decay_on=opt_config.weight_decay_on)
     decay = optax.add_decayed_weights(opt_config.weight_decay, mask=mask)  # L2, before momentum
     if opt_config.momentum_style == 'caffe':
-      return optax.chain(
-        decay, optax.scale(learning_rate), optax.trace(opt_config.momentum), optax.scale(-1.0)
-      )
-    if opt_config.momentum_style == 'dampened':  # v = m*v + (1-m)*lr*g: an lr (1-m) times smaller
-      return optax.chain(
+      steps = [
+        decay,
+        optax.scale(learning_rate),
+        optax.trace(opt_config.momentum),
+        optax.scale(-1.0),
+      ]
+    elif opt_config.momentum_style == 'dampened':  # v = m*v + (1-m)*lr*g: an lr (1-m) times smaller
+      steps = [
         decay,
         optax.scale(learning_rate),
         optax.ema(opt_config.momentum, debias=False),
         optax.scale(-1.0),
-      )
-    return optax.chain(decay, optax.trace(opt_config.momentum), optax.scale(-learning_rate))
+      ]
+    else:
+      steps = [decay, optax.trace(opt_config.momentum), optax.scale(-learning_rate)]
+    if freeze_bn:  # last, so that nothing (weight decay, momentum) moves them
+      steps.append(optax.masked(optax.set_to_zero(), bn_mask))
+    return optax.chain(*steps)
 
   return optax.inject_hyperparams(sgd)(learning_rate=opt_config.learning_rate)
 

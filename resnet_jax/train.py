@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import (
   bn_stats,
   checkpointing,
+  finetune,
   models,
   optim,
   parallel,
@@ -314,7 +315,10 @@ def host_batches(ds, config, mesh, start_step):
 
 
 def recompute_bn(state, ds, model, config, mesh, num_images):
-  """The state with exact BN statistics over `num_images` training images (bn_stats.recompute)."""
+  """The state with exact BN statistics over `num_images` training images (bn_stats.recompute); the
+  state itself under model.freeze_bn, whose statistics stay as loaded."""
+  if config.model.get('freeze_bn', False):
+    return state
   batches = parallel.prefetch(
     bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch
   )
@@ -362,7 +366,8 @@ class Segments:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results.json dict.
+  """Trains `config` in `workdir`, resuming from its latest checkpoint (else starting from
+  config.init_from's weights, if set); returns the results.json dict.
 
   The data is read and checked before the workdir is created, so a run that cannot start leaves nothing.
   The workdir's lock (workdir_lock) is held throughout: a second training of the same workdir stops with
@@ -370,17 +375,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   ds = data_lib.load(config.data, config.seed)
+  if not config.model.num_classes:  # 0: as many outputs as the data has classes
+    config = config.copy_and_resolve_references()
+    config.model.num_classes = ds.num_classes
   check_num_classes(ds, config)
+  source = finetune.source_variables(config, workdir)
+  variables = None
+  if source is not None:  # read and checked before the workdir is created
+    variables = finetune.initial_variables(config, models.create(config.model), source)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock.held(workdir, config.train.lock_timeout_s):
-    return _train(config, workdir, ds, mesh)
+    return _train(config, workdir, ds, mesh, variables)
 
 
-def _train(config, workdir, ds, mesh):
+def _train(config, workdir, ds, mesh, variables=None):
+  """`variables`: the step-0 weights (config.init_from's), else the network's random init."""
   is_main = jax.process_index() == 0
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
-  tx = optim.create(config.optimizer)
-  initial = create_train_state(config, model, tx, jax.random.key(config.seed))
+  tx = optim.create(config.optimizer, freeze_bn=config.model.get('freeze_bn', False))
+  initial = create_train_state(config, model, tx, jax.random.key(config.seed), variables)
   manager, state = checkpointing.restore_or_init(
     workdir, config.train.keep_checkpoints, initial, mesh
   )

@@ -49,7 +49,25 @@ def check(config, device_count=None, process_count=1):
   _check_optimizer(config.optimizer)
   _check_train(config.train)
   _check_data(config.data)
+  _check_finetuning(config)
   _check_devices(config, device_count, process_count)
+
+
+def _check_finetuning(config):
+  num_classes = config.model.num_classes
+  _require(
+    isinstance(num_classes, int) and num_classes >= 0,
+    f"model.num_classes must be a positive count (0: the data's number of classes), got {num_classes!r}.",
+  )
+  _require(
+    isinstance(config.get('init_from', ''), str),
+    f'init_from must be the path of a workdir, got {config.get("init_from")!r}.',
+  )
+  _require(
+    not (config.model.get('freeze_bn', False) and config.train.recompute_bn_stats),
+    'model.freeze_bn keeps the loaded BN statistics, which train.recompute_bn_stats would replace: '
+    'set --config.train.recompute_bn_stats=False.',
+  )
 
 
 def _check_optimizer(opt):

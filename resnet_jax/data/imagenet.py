@@ -16,8 +16,10 @@ whole image). Every view is `normalize`d as the config says: by default (the pap
 the per-pixel mean image of the 1-crop views of `data.mean_images` training images and divide by 255; a
 converted model's config fixes its framework's preprocessing instead (`data.input_scale`, `channel_mean`,
 `channel_std`, `mean_image_file`) and needs no training images. Whole images of other sizes cannot take a
-224x224 mean, so the scale view subtracts its per-channel mean. Labels are the index of the class's WordNet id in the sorted list of the 1000 ILSVRC2012
-synsets that tfds ships, so a folder holding a subset of the classes keeps the real label ids.
+224x224 mean, so the scale view subtracts its per-channel mean. Labels are the index of the class's
+WordNet id in the sorted list of the 1000 ILSVRC2012 synsets that tfds ships, so a folder holding a subset
+of the classes keeps the real label ids; a folder tree of any other classes (fine-tuning) numbers its
+class folders in sorted order.
 """
 
 import ast
@@ -27,6 +29,7 @@ import importlib.util
 import io
 import itertools
 import os
+import re
 
 import numpy as np
 
@@ -34,6 +37,7 @@ from resnet_jax.data import common
 from resnet_jax.data.common import DataError
 
 NUM_CLASSES = 1000
+_WNID = re.compile(r'n\d{8}')  # a WordNet noun id, as ILSVRC names its class folders
 # AlexNet's PCA of ImageNet RGB pixels (in 0..1 units): eigenvalues, and eigenvectors as columns.
 EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
 EIGVEC = np.array(
@@ -178,7 +182,7 @@ def _subset(split: Split, keep: np.ndarray) -> Split:
   return dataclasses.replace(split, size=len(keep), index=index)
 
 
-def _folder_split(root: str, split: str) -> Split:
+def _split_folder(root: str, split: str) -> str:
   folder = os.path.join(root, split)
   if (
     not os.path.isdir(folder) and split == 'validation' and os.path.isdir(os.path.join(root, 'val'))
@@ -187,28 +191,52 @@ def _folder_split(root: str, split: str) -> Split:
   if not os.path.isdir(folder):
     raise DataError(
       f'{folder} does not exist; data.image_folder should hold one folder per split '
-      f'(data.train_split, data.eval_split) with a folder of images per class WordNet id.'
+      f'(data.train_split, data.eval_split) with a folder of images per class.'
     )
-  label = {w: i for i, w in enumerate(ilsvrc_wnids())}
+  return folder
+
+
+def _class_folders(folder: str) -> list[str]:
+  return sorted(
+    name
+    for name in os.listdir(folder)
+    if os.path.isdir(os.path.join(folder, name)) and not name.startswith('.')
+  )
+
+
+def folder_classes(folders: list[str]) -> tuple[dict, int]:
+  """({class folder name: label}, number of classes) of split folders.
+
+  ImageNet's WordNet ids (every folder an ILSVRC2012 synset) keep their ILSVRC label, so a folder of some
+  of the classes keeps the real ids, out of 1000; any other names are numbered in sorted order over all
+  splits, and there are as many classes as names.
+  """
+  names = sorted(set().union(*(_class_folders(f) for f in folders)))
+  if names and all(_WNID.fullmatch(n) for n in names):
+    wnids = ilsvrc_wnids()
+    if set(names) <= set(wnids):
+      return {w: i for i, w in enumerate(wnids)}, NUM_CLASSES
+  if len(names) == 1:
+    raise DataError(
+      f'{" and ".join(folders)} hold a single class folder ({names[0]}), and a classifier needs '
+      'at least two classes: add a folder of images per class.'
+    )
+  return {name: i for i, name in enumerate(names)}, len(names)
+
+
+def _folder_split(folder: str, split: str, label: dict) -> Split:
   paths, labels = [], []
-  for wnid in sorted(os.listdir(folder)):
-    if not os.path.isdir(os.path.join(folder, wnid)) or wnid.startswith('.'):
-      continue
-    if wnid not in label:
-      raise DataError(
-        f'{folder}/{wnid} is not an ILSVRC2012 class WordNet id (such as n01440764); ImageNet '
-        'class folders must be named by their WordNet ids.'
-      )
+  for name in _class_folders(folder):
     files = sorted(
       f
-      for f in os.listdir(os.path.join(folder, wnid))
+      for f in os.listdir(os.path.join(folder, name))
       if f.lower().endswith(common.IMAGE_EXTENSIONS) and not f.startswith('.')
     )
-    paths += [os.path.join(folder, wnid, f) for f in files]
-    labels += [label[wnid]] * len(files)
+    paths += [os.path.join(folder, name, f) for f in files]
+    labels += [label[name]] * len(files)
   if not paths:
     raise DataError(
-      f'{folder} holds no class folders with images; it should hold <wnid>/<image>.JPEG.'
+      f'{folder} holds no class folders with images; it should hold <class>/<image>.JPEG.'
     )
   return Split(split, len(paths), paths=paths, labels=np.array(labels, np.int32))
 
@@ -244,26 +272,34 @@ def check(cfg) -> None:
   fixed_mean_image(cfg)
 
 
-def _splits(cfg) -> tuple[Split | None, Split]:
-  """(train, eval); with fixed preprocessing the training split may be absent (None)."""
+def _splits(cfg) -> tuple[Split | None, Split, int]:
+  """(train, eval, number of classes); with fixed preprocessing the training split may be absent (None)."""
   if cfg.source == 'image_folder':
     root = os.path.abspath(os.path.expanduser(cfg.image_folder))
     if not os.path.isdir(root):
       raise DataError(
         f'data.image_folder={root} is not a directory; ImageNet is read from a folder of '
-        'split/<wnid>/<image>.JPEG (extract the archives first).'
+        'split/<class>/<image>.JPEG (extract the archives first).'
       )
-    read = lambda split: _folder_split(root, split)  # noqa: E731
-  else:
-    read = lambda split: _tfds_split(cfg, split)  # noqa: E731
-  eval_split = read(cfg.eval_split)
+    folders = {cfg.eval_split: _split_folder(root, cfg.eval_split)}
+    try:
+      folders[cfg.train_split] = _split_folder(root, cfg.train_split)
+    except DataError:
+      if not fixed_preprocessing(cfg):  # the mean image comes from training images
+        raise
+    label, num_classes = folder_classes(list(folders.values()))
+    train = None
+    if cfg.train_split in folders:
+      train = _folder_split(folders[cfg.train_split], cfg.train_split, label)
+    return train, _folder_split(folders[cfg.eval_split], cfg.eval_split, label), num_classes
+  eval_split = _tfds_split(cfg, cfg.eval_split)
   try:
-    train = read(cfg.train_split)
+    train = _tfds_split(cfg, cfg.train_split)
   except DataError:
-    if not fixed_preprocessing(cfg):  # the mean image comes from training images
+    if not fixed_preprocessing(cfg):
       raise
     train = None
-  return train, eval_split
+  return train, eval_split, NUM_CLASSES
 
 
 # ------------------------------------------------------------------------------------------ views
@@ -445,7 +481,7 @@ class ImageNet:
 
   def __init__(self, cfg, seed):
     self.cfg, self.seed = cfg, seed
-    self.train, self.eval = _splits(cfg)
+    self.train, self.eval, self.num_classes = _splits(cfg)
     if self.train is not None and 0 < cfg.train_limit < self.train.size:
       self.train = _subset(
         self.train, common.seeded_subset(self.train.size, cfg.train_limit, seed, 54321)
@@ -454,7 +490,7 @@ class ImageNet:
       self.eval = _subset(
         self.eval, common.seeded_subset(self.eval.size, cfg.eval_limit, seed, 54322)
       )
-    self.num_classes, self.eval_split = NUM_CLASSES, cfg.eval_split
+    self.eval_split = cfg.eval_split
     self.mean_image = self._mean_image()
     self._eval_labels = None
 
