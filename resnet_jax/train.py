@@ -402,18 +402,11 @@ def _train(config, workdir, ds, mesh, variables=None):
     config.train.num_steps,
     config.train.steps_per_dispatch,
   )
-  finished = _read(workdir, 'results.json')
-  if start_step >= num_steps and finished and finished.get('steps') == start_step:
-    logging.warning(
-      '%s is already at step %d of %d: nothing to train.', workdir, start_step, num_steps
-    )
+  finished = _already_finished(workdir, start_step, num_steps)
+  if finished is not None:
     manager.close()
     return finished  # results.json stays as it was
-  if start_step % k:
-    raise validate.ConfigError(
-      f'the checkpoint at step {start_step} is not a multiple of train.steps_per_dispatch'
-      f'={k}: resume with a divisor of {start_step} (e.g. 1).'
-    )
+  _check_dispatch(start_step, k)
   if is_main:
     _write(workdir, 'config.json', config.to_json_best_effort(indent=2))
   writer = writers.Writer(workdir, is_main)
@@ -422,15 +415,7 @@ def _train(config, workdir, ds, mesh, variables=None):
   device_data, host = host_batches(ds, config, mesh, start_step)
   train_fn, eval_fn = compile_steps(config, model, tx, mesh, device_data)
   batches = parallel.prefetch(host, mesh, config.data.prefetch)
-  for warning in validate.warnings(config):
-    logging.warning(warning)
-  logging.info(
-    'Training %s from step %d to %d on %d devices.',
-    config.name,
-    start_step,
-    num_steps,
-    jax.device_count(),
-  )
+  _log_start(config, start_step)
   train_metrics, eval_results, moving_average_results = None, None, None
   with (
     checkpointing.PreemptionHandler() as preemption,
@@ -482,6 +467,37 @@ def _train(config, workdir, ds, mesh, variables=None):
   writer.close()
   manager.close()
   return results
+
+
+def _already_finished(workdir, start_step, num_steps):
+  """The results of a run that has nothing left to train, or None."""
+  finished = _read(workdir, 'results.json')
+  if start_step >= num_steps and finished and finished.get('steps') == start_step:
+    logging.warning(
+      '%s is already at step %d of %d: nothing to train.', workdir, start_step, num_steps
+    )
+    return finished
+  return None
+
+
+def _check_dispatch(start_step, k):
+  if start_step % k:
+    raise validate.ConfigError(
+      f'the checkpoint at step {start_step} is not a multiple of train.steps_per_dispatch'
+      f'={k}: resume with a divisor of {start_step} (e.g. 1).'
+    )
+
+
+def _log_start(config, start_step):
+  for warning in validate.warnings(config):
+    logging.warning(warning)
+  logging.info(
+    'Training %s from step %d to %d on %d devices.',
+    config.name,
+    start_step,
+    config.train.num_steps,
+    jax.device_count(),
+  )
 
 
 def final_results(config, ds, state, moving_average, exact, segments) -> dict:
