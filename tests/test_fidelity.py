@@ -14,8 +14,8 @@ def test_resnet1202_warms_up_finite_and_its_loss_falls(tmp_path):
   """The config's own recipe (warm-up at 0.01, scanned and recomputed blocks) on a tiny run."""
   config = defaults.load_file(REPO / 'configs' / 'cifar10_1202.py')
   assert config.optimizer.warmup_learning_rate == 0.01 and config.model.scan_blocks
-  # One batch of 8 images (one per test device), seen at every step: the cheapest run in which a loss can fall. (At
-  # initialisation a 1202-layer net's logits are large, so the first loss is far above ln 10.)
+  # One batch of 8 images (one per test device), seen at every step: the cheapest run in which a loss
+  # can fall. (At initialisation a 1202-layer net's logits are large: the first loss is far above ln 10.)
   config.data.update(source='synthetic', train_limit=8, eval_limit=8)
   config.train.update(
     batch_size=8,
