@@ -2,8 +2,9 @@
 
 Section 4.2 trains ResNet-1202 "as described above", and the only start described for the deep nets is
 ResNet-110's: lr 0.01 until the training error is below 80%, then 0.1. A net ten times deeper is no easier
-to start at 0.1, so this config warms up the same way (tests/test_fidelity.py checks that the first steps
-stay finite and the loss falls). Each stage's 199 identical blocks run as one nn.scan with recomputed
+to start at 0.1, so this config warms up the same way. tests/test_fidelity.py checks that the warm-up keeps
+the first steps finite and bounded (on one CPU batch of 8: the loss stayed within 3x of its start at 0.01,
+and reached 38x at 0.1); that the loss then falls at the paper's batch of 128 is left to a GPU run. Each stage's 199 identical blocks run as one nn.scan with recomputed
 activations, which changes nothing but compile time and memory.
 """
 
