@@ -150,6 +150,7 @@ class Runner:
   step: Any  # () -> None: one training step, dispatched
   sync: Any  # () -> None: waits for the steps dispatched so far
   compiles_first: bool = False  # torch.compile: the first step compiles and may fail
+  hlo: Any = None  # () -> str: the compiled step's HLO text (ours), for experiments/cpu_profile.py
 
 
 class Skipped(Exception):
@@ -285,6 +286,7 @@ def jax_runner(spec, all_devices=False):
     jax_device_name(devices),
     step,
     lambda: jax.block_until_ready(holder[0]),
+    hlo=lambda: train_fn.lower(holder[0], batch).compile().as_text(),
   )
 
 
