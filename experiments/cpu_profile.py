@@ -236,7 +236,7 @@ def main(argv=None):
       columns.append(('PyTorch eager', torch_totals))
     print(f'\n### {spec.name}, batch {spec.batch}, {spec.dtype}, {args.steps} profiled steps\n')
     print(table(columns))
-    print(f'\nOurs ({columns[-1][0]}), slowest HLO ops (ms/step):')
+    print(f'\nOurs ({args.activations.split(",")[-1]}), slowest HLO ops (ms/step):')
     for op, seconds in jax_ops.most_common(args.top):
       print(f'- {op} ({categories.get(op, "other")}): {1e3 * seconds:.1f}')
     if torch_ops:
