@@ -98,9 +98,17 @@ _NORMS = (models.BatchNorm, nn.BatchNorm)
 _RECORDED = tuple(cls for cls, _ in _KINDS) + _NORMS + (models.Block,)
 
 
+# The classifier a config with model.num_classes=0 (as many outputs as the data has classes) is shown with.
+PLACEHOLDER_CLASSES = {'cifar10': 10, 'imagenet2012': 1000}
+
+
 def _trace(config):
   """The variables' shapes and the recorded module calls, once per module path, in call order."""
-  model = models.create(config.model)
+  model_config = config.model
+  if not model_config.num_classes:  # 0: the data's classes, known only once it is read
+    model_config = model_config.copy_and_resolve_references()
+    model_config.num_classes = PLACEHOLDER_CLASSES[config.data.name]
+  model = models.create(model_config)
   image = jax.ShapeDtypeStruct(input_shape(config), jnp.float32)
   calls = {}  # nn.scan traces its body more than once: the first call of a path counts
 
