@@ -315,10 +315,11 @@ def host_batches(ds, config, mesh, start_step):
 
 
 def recompute_bn(state, ds, model, config, mesh, num_images):
-  """The state with exact BN statistics over `num_images` training images (bn_stats.recompute); the
-  state itself under model.freeze_bn, whose statistics stay as loaded."""
+  """The state with exact BN statistics over `num_images` training images (at least one global batch;
+  bn_stats.recompute); the state itself under model.freeze_bn, whose statistics stay as loaded."""
   if config.model.get('freeze_bn', False):
     return state
+  num_images = max(num_images, config.train.batch_size)
   batches = parallel.prefetch(
     bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch
   )
