@@ -516,7 +516,7 @@ def final_results(config, ds, state, moving_average, exact, segments) -> dict:
     'bn_statistics': 'exact' if config.train.recompute_bn_stats else 'moving_average',
     f'{split}_error_moving_average_bn': moving_average['error'],
     f'{split}_error_exact_bn': exact['error'],
-    'exact_bn_images': config.train.bn_stats_images,
+    'exact_bn_images': max(config.train.bn_stats_images, config.train.batch_size),
     'steps': int(state.step),
     'wall_time_s': segments.total_s(),
     'segments': segments.all(),
