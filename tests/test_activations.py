@@ -29,7 +29,11 @@ def _loss_and_grads(config, x, labels):
 
 @pytest.mark.parametrize(
   'family,depth,size,overrides',
-  [('cifar', 8, 16, {}), ('cifar', 8, 16, {'scan_blocks': True}), ('imagenet', 50, 32, {})],
+  [
+    ('cifar', 8, 16, {}),
+    ('cifar', 8, 16, {'scan_blocks': True}),
+    pytest.param('imagenet', 50, 32, {}, marks=pytest.mark.slow),
+  ],
 )
 def test_materialized_activations_give_the_fused_logits_and_gradients(
   family, depth, size, overrides

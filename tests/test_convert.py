@@ -104,6 +104,7 @@ def test_torchvision_workdir_is_a_run_with_the_weights(weights, torchvision_work
   assert params == sum(np.size(v) for v in jax.tree.leaves(variables['params']))
 
 
+@pytest.mark.slow
 def test_caffe_workdir_logits_are_caffes(weights, tmp_path):
   folder = weights['folder']
   workdir = tmp_path / 'caffe_resnet50'

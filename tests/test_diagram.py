@@ -183,6 +183,7 @@ def test_cli_writes_the_diagram(tmp_path):
   assert len(drawn['layer']) == 20 and len(drawn['projection']) == 2
 
 
+@pytest.mark.slow
 def test_every_config_draws():  # ~15 s on one core, mostly tracing ResNet-1202
   for name in CONFIGS:
     cfg = defaults.load_file(CONFIG_DIR / f'{name}.py')

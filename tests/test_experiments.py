@@ -300,5 +300,6 @@ def test_cifar_table_paper_protocol_launches_validation_runs_then_50k_runs(tmp_p
   assert calls == []
 
 
+@pytest.mark.slow
 def test_table1_script_reproduces_the_committed_table():
   assert table1.render() == table1.OUT.read_text()

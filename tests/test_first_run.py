@@ -13,6 +13,7 @@ from helpers import as_flags, run_cli, small_run, write_image_folder
 from resnet_jax import bn_stats, checkpointing, data, defaults, optim, train, validate
 
 
+@pytest.mark.slow
 def test_tools_accept_relative_and_home_workdirs(tmp_path, monkeypatch):
   train.train_and_evaluate(small_run(), str(tmp_path / 'run'))
   absolute = checkpointing.open_workdir(tmp_path / 'run')
@@ -83,6 +84,7 @@ def test_evaluate_prints_only_its_json(tmp_path):
   assert json.loads(line)['step'] == 6
 
 
+@pytest.mark.slow
 def test_results_report_both_bn_statistics_and_the_time_of_every_segment(tmp_path):
   train.train_and_evaluate(small_run(train__num_steps=3), str(tmp_path))
   results = train.train_and_evaluate(small_run(), str(tmp_path))  # resumed at step 3

@@ -142,6 +142,7 @@ def _tiny_model_variables(num_classes=1000):
   return model, model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32), train=False)
 
 
+@pytest.mark.slow
 def test_multiscale_averages_scales_and_flips(imagenet_sample_folder, tmp_path):
   """evaluate_scores against a direct computation: each image at each scale's bucket shape and its flip."""
   config = _config(imagenet_sample_folder, tmp_path, eval_limit=9, mean_images=20)

@@ -37,7 +37,7 @@ def n_params(tree):
     (44, 658_586),
     (56, 853_018),
     (110, 1_727_962),
-    (1202, 19_421_274),
+    pytest.param(1202, 19_421_274, marks=pytest.mark.slow),
   ],
 )
 def test_cifar_parameter_counts(
@@ -326,7 +326,7 @@ def test_remat_saves_only_the_blocks_inputs(capsys):
   assert saved_activations(remat=True) * 4 < saved_activations()
 
 
-@pytest.mark.parametrize('depth', [20, 56])
+@pytest.mark.parametrize('depth', [20, pytest.param(56, marks=pytest.mark.slow)])
 def test_remat_gives_the_same_loss_and_gradients(depth):
   variables, expected = _unscanned_step(depth)
   config = model_config('cifar', depth, remat=True)

@@ -84,6 +84,7 @@ def _snapshot(workdir: pathlib.Path) -> dict:
   }
 
 
+@pytest.mark.slow
 def test_evaluating_a_damaged_run_changes_nothing(tmp_path):
   """A read-only tool names a damaged newest checkpoint and uses the previous one; the workdir stays."""
   train.train_and_evaluate(small_run(), str(tmp_path))
