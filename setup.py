@@ -22,6 +22,8 @@ setuptools.setup(
     'orbax-checkpoint>=0.12.8',
     'pillow',
     'protobuf',  # reading the released Caffe models
+    # clu's TensorBoard writer imports tensorboard, which tensorflow-cpu 2.21 no longer pulls in.
+    'tensorboard',
     'tensorflow-cpu>=2.21',  # tf.data for ImageNet, TensorBoard events
     'tensorflow-datasets>=4.9.10',
   ],
