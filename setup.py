@@ -34,6 +34,7 @@ setuptools.setup(
       'nbclient',
       'nbformat',
       'pytest',
+      'pytest-xdist',  # the README's test command runs the suite on every core
       'ruff',
       # The PyTorch twin and the torchvision conversion tests. Pinned as a pair: these two load their
       # operators together (a torchvision beside another torch build fails to import).

@@ -129,6 +129,7 @@ def test_peaks_come_from_the_table():
   assert benchmark.peak_flops('CPU: Intel(R) Xeon(R)', 'float32', override_tflops=2.0) == 2e12
 
 
+@pytest.mark.slow
 def test_jax_side_times_our_training_step_and_writes_the_table(tmp_path):
   """ResNet-8, batch 16, 2 timed steps: our step is timed, FLOPs come from the MACs, the file is written."""
   out = tmp_path / 'benchmarks.md'
