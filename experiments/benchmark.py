@@ -251,9 +251,10 @@ def cpu_name():
   return f'CPU: {names[0] if names else platform.processor() or platform.machine()}'
 
 
-def jax_runner(spec, all_devices=False):
+def jax_runner(spec, all_devices=False, activations='auto'):
   """Our real training step (train.compile_steps) on one local device, or on all of them."""
   config = make_config(spec)
+  config.model.activations = activations
   devices = jax.local_devices() if all_devices else jax.local_devices()[:1]
   if spec.batch % len(devices):
     raise ValueError(f'batch {spec.batch} does not split over {len(devices)} devices')
@@ -481,6 +482,9 @@ def main(argv=None):
   parser.add_argument(
     '--peak_tflops', type=float, help='peak TFLOP/s for MFU (default: the datasheet table)'
   )
+  parser.add_argument(
+    '--activations', default='auto', help='our model.activations: auto, fused or materialized'
+  )
   parser.add_argument('--out', default=str(RESULTS), help='the markdown file to update')
   args = parser.parse_args(argv)
   try:
@@ -532,7 +536,7 @@ def main(argv=None):
     print(f'{counts}; {macs / 1e9:.3f} G forward multiply-adds per image')
     runners = []
     if 'jax' in frameworks:
-      runners.append(jax_runner(spec, args.all_devices))
+      runners.append(jax_runner(spec, args.all_devices, args.activations))
     for mode in modes if 'torch' in frameworks else []:
       try:
         runners.append(torch_runner(spec, mode, torch_device))

@@ -110,8 +110,8 @@ def classify(line, computations):
   return 'other'
 
 
-def profile_jax(spec, steps):
-  runner = benchmark.jax_runner(spec)
+def profile_jax(spec, steps, activations='auto'):
+  runner = benchmark.jax_runner(spec, activations=activations)
   for _ in range(2):
     runner.step()
   runner.sync()
@@ -219,17 +219,24 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--top', type=int, default=12, help='also list the slowest ops')
   parser.add_argument('--no_torch', action='store_true')
+  parser.add_argument(
+    '--activations',
+    default='fused,materialized',
+    help='our model.activations, one column each (auto, fused, materialized)',
+  )
   args = parser.parse_args(argv)
   for spec in benchmark.parse_grid(args.grid):
-    jax_totals, jax_ops, categories = profile_jax(spec, args.steps)
-    columns = [('ours', jax_totals)]
+    columns = []
+    for activations in args.activations.split(','):
+      jax_totals, jax_ops, categories = profile_jax(spec, args.steps, activations)
+      columns.append((f'ours, {activations}', jax_totals))
     torch_ops = None
     if not args.no_torch:
       torch_totals, torch_ops, _ = profile_torch(spec, args.steps)
       columns.append(('PyTorch eager', torch_totals))
     print(f'\n### {spec.name}, batch {spec.batch}, {spec.dtype}, {args.steps} profiled steps\n')
     print(table(columns))
-    print('\nOurs, slowest HLO ops (ms/step):')
+    print(f'\nOurs ({args.activations.split(",")[-1]}), slowest HLO ops (ms/step):')
     for op, seconds in jax_ops.most_common(args.top):
       print(f'- {op} ({categories.get(op, "other")}): {1e3 * seconds:.1f}')
     if torch_ops:

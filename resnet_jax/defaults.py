@@ -40,6 +40,10 @@ def get_config():
   config.model.remat = False
   # True: nn.scan over each stage's identical blocks (flat compile time)
   config.model.scan_blocks = False
+  # 'materialized': every ReLU output is written to memory once (a conditional XLA cannot fuse
+  # through), so the backward pass reads it instead of recomputing the BN/ReLU/residual chain inside
+  # its transposes | 'fused': XLA's own fusion | 'auto': materialized on the CPU, fused elsewhere.
+  config.model.activations = 'auto'
   # ImageNet stem's 3x3/2 max pool: 'symmetric' pads 1 each side | 'caffe' as the released Caffe
   # models (no padding, ceil rounding: windows start one pixel later).
   config.model.stem_pool = 'symmetric'

@@ -84,10 +84,11 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * batch_mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * batch_var
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32) + bias.astype(
-      jnp.float32
-    )
-    return y.reshape(x.shape).astype(self.dtype)
+    # One multiply-add per element with per-channel factors: its backward is one reduction pass
+    # (sums of g and g*x) and one elementwise pass, fewer than (x - mean) * ... gives XLA:CPU.
+    factor = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    shift = bias.astype(jnp.float32) - mean * factor
+    return (xf * factor + shift).reshape(x.shape).astype(self.dtype)
 
 
 class Shortcut(nn.Module):
@@ -194,6 +195,23 @@ class GlobalAvgPool(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
+def materialize(x):
+  """`x` unchanged, but as a buffer XLA cannot fuse through: the operand of a conditional.
+
+  XLA:CPU duplicates cheap elementwise producers into every consumer, so without this the backward
+  pass recomputes a stage's whole chain of BN, ReLU and residual additions inside each of its
+  layout transposes (optimization_barrier is expanded before fusion there and does not stop it).
+  Both branches return x exactly (the second, never taken for a finite x, negates twice).
+  """
+  return jax.lax.cond(
+    jnp.isfinite(x.reshape(-1)[0]), lambda v: v, lambda v: jnp.negative(jnp.negative(v)), x
+  )
+
+
+def materialized_relu(x):
+  return materialize(nn.relu(x))
+
+
 def _last_scale_init(zero):
   return nn.initializers.zeros if zero else nn.initializers.ones
 
@@ -225,6 +243,8 @@ class ResNet(nn.Module):
   scan_blocks: bool = False
   stem_pool: str = 'symmetric'  # 'symmetric': pad 1 each side | 'caffe': windows from pixel 0, ceil
   freeze_bn: bool = False  # BN uses its running statistics in training too (they stay as loaded)
+  # Every ReLU output as a buffer XLA cannot fuse through (see materialize).
+  materialize: bool = False
 
   def __call__(self, x, train: bool = True):
     """The class logits (float32)."""
@@ -257,14 +277,13 @@ class ResNet(nn.Module):
       axis_name=self.bn_axis_name,
       group_size=self.bn_group_size,
     )
+    act = materialized_relu if self.materialize else nn.relu
     x = x.astype(self.dtype)
     if self.stem == 'cifar':
-      x = nn.relu(
-        norm(name='stem_bn')(conv(self.widths[0], (3, 3), padding=PAD3, name='stem_conv')(x))
-      )
+      x = act(norm(name='stem_bn')(conv(self.widths[0], (3, 3), padding=PAD3, name='stem_conv')(x)))
       features = {'stem': x}
     else:
-      x = nn.relu(norm(name='stem_bn')(conv(64, (7, 7), (2, 2), padding=PAD7, name='stem_conv')(x)))
+      x = act(norm(name='stem_bn')(conv(64, (7, 7), (2, 2), padding=PAD7, name='stem_conv')(x)))
       features = {'stem': x}
       x = MaxPool(3, 2, stem_pool_padding(x.shape, self.stem_pool), name='pool')(x)  # -inf padding
     block_cls = nn.remat(self.block) if self.remat else self.block
@@ -276,6 +295,7 @@ class ResNet(nn.Module):
         shortcut=self.shortcut,
         conv=conv,
         norm=norm,
+        act=act,
         zero_init_last_bn=self.zero_init_last_bn,
         stride_on_3x3=self.stride_on_3x3,
       )
@@ -390,6 +410,13 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
   for field, value in (('remat', remat), ('scan_blocks', scan_blocks), ('freeze_bn', freeze_bn)):
     if value not in (True, False):
       raise ValueError(f'model.{field} must be True or False, got {value!r}.')
+  activations = model_config.get('activations', 'auto')
+  if activations not in ('auto', 'fused', 'materialized'):
+    raise ValueError(
+      f"Unknown model.activations {activations!r}: use 'auto', 'fused' or 'materialized'."
+    )
+  if activations == 'auto':
+    activations = 'materialized' if jax.default_backend() == 'cpu' else 'fused'
   stem_pool = model_config.get('stem_pool', 'symmetric')
   if stem_pool not in ('symmetric', 'caffe'):
     raise ValueError(f"Unknown model.stem_pool {stem_pool!r}: use 'symmetric' or 'caffe'.")
@@ -412,4 +439,5 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     scan_blocks=bool(scan_blocks),
     stem_pool=stem_pool,
     freeze_bn=bool(freeze_bn),
+    materialize=activations == 'materialized',
   )

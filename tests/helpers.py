@@ -83,11 +83,13 @@ def checkpoint_steps(workdir):
   )
 
 
-def assert_same_checkpoints(workdir_a, workdir_b):
-  """The final checkpoints of two runs hold bit-identical arrays (params, BN statistics, optimizer)."""
+def assert_same_checkpoints(workdir_a, workdir_b, without=()):
+  """The final checkpoints of two runs hold bit-identical arrays (params, BN statistics, optimizer);
+  `without`: top-level fields of the state left out of the comparison."""
   step_a, a = final_params(workdir_a)
   step_b, b = final_params(workdir_b)
-  assert step_a == step_b
+  assert step_a == step_b and a.keys() == b.keys() and set(without) <= a.keys()
+  a, b = ({k: v for k, v in s.items() if k not in without} for s in (a, b))
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(leaves_a) == len(leaves_b) > 0
   assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
