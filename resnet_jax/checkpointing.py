@@ -49,7 +49,11 @@ def checkpoint_dir(workdir) -> str:
 
 
 def manager(workdir, keep):
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  # cleanup_tmp_directories: a write cut short (a kill, a full disk) leaves a temporary directory that
+  # the next writer removes; only writers (the lock holder, convert) open a manager.
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=True, cleanup_tmp_directories=True
+  )
   return ocp.CheckpointManager(
     checkpoint_dir(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler()
   )
@@ -101,14 +105,24 @@ def _unfinished(directory) -> dict:
 
 def _write_failed(mngr, state, step, error) -> CheckpointWriteError:
   """The one-sentence error, after removing the failed steps' temporary directories (only those)."""
-  with contextlib.suppress(Exception):  # let the background write end before its directory goes
-    mngr.wait_until_finished()
   directory = str(mngr.directory)
-  unfinished = _unfinished(directory)
-  if jax.process_index() == 0:
-    for paths in unfinished.values():
-      for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
+  unfinished = {}
+  # The first failed future raises while orbax's other threads may still be writing (and re-creating)
+  # the step's temporary directory: remove it until none appears in two looks, for at most 2 s.
+  clean = 0
+  for _ in range(20):
+    with contextlib.suppress(Exception):
+      mngr.wait_until_finished()
+    found = _unfinished(directory)
+    clean = 0 if found else clean + 1
+    if clean == 2:
+      break
+    unfinished.update(found)
+    if jax.process_index() == 0:
+      for paths in found.values():
+        for path in paths:
+          shutil.rmtree(path, ignore_errors=True)
+    time.sleep(0.1)
   failed = max(unfinished, default=step)
   complete = complete_steps(directory)
   needed = sum(
