@@ -314,12 +314,17 @@ def host_batches(ds, config, mesh, start_step):
   return None, _stacked(batches, k)
 
 
-def recompute_bn(state, ds, model, config, mesh, num_images):
-  """The state with exact BN statistics over `num_images` training images (at least one global batch;
-  bn_stats.recompute); the state itself under model.freeze_bn, whose statistics stay as loaded."""
+def exact_bn_images(config) -> int:
+  """The images the end-of-run exact BN statistics use: train.bn_stats_images, at least one batch."""
+  return max(config.train.bn_stats_images, config.train.batch_size)
+
+
+def recompute_bn(state, ds, model, config, mesh):
+  """The state with exact BN statistics over exact_bn_images(config) training images (bn_stats.recompute);
+  the state itself under model.freeze_bn, whose statistics stay as loaded."""
   if config.model.get('freeze_bn', False):
     return state
-  num_images = max(num_images, config.train.batch_size)
+  num_images = exact_bn_images(config)
   batches = parallel.prefetch(
     bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch
   )
@@ -432,7 +437,7 @@ def _train(config, workdir, ds, mesh, variables=None):
         train_metrics = None
       if step == num_steps and config.train.recompute_bn_stats:  # the released models' statistics
         moving_average_results = evaluate(eval_fn, state, ds, config, mesh)
-        state = recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
+        state = recompute_bn(state, ds, model, config, mesh)
       if itstime(step, config.train.eval_every_steps, num_steps):
         eval_results = evaluate(eval_fn, state, ds, config, mesh)
         plateau = optim.plateau_after(config.optimizer, state.plateau, eval_results['error'])
@@ -459,7 +464,7 @@ def _train(config, workdir, ds, mesh, variables=None):
     eval_results = evaluate(eval_fn, state, ds, config, mesh)
   if moving_average_results is None:  # the test error with exact BN statistics, beside it
     moving_average_results = eval_results
-    exact = recompute_bn(state, ds, model, config, mesh, config.train.bn_stats_images)
+    exact = recompute_bn(state, ds, model, config, mesh)
     eval_results = evaluate(eval_fn, exact, ds, config, mesh)
   segments.update(int(state.step))
   results = final_results(config, ds, state, moving_average_results, eval_results, segments)
@@ -516,7 +521,7 @@ def final_results(config, ds, state, moving_average, exact, segments) -> dict:
     'bn_statistics': 'exact' if config.train.recompute_bn_stats else 'moving_average',
     f'{split}_error_moving_average_bn': moving_average['error'],
     f'{split}_error_exact_bn': exact['error'],
-    'exact_bn_images': max(config.train.bn_stats_images, config.train.batch_size),
+    'exact_bn_images': exact_bn_images(config),
     'steps': int(state.step),
     'wall_time_s': segments.total_s(),
     'segments': segments.all(),
