@@ -116,6 +116,19 @@ def parse_grid(text):
   return specs
 
 
+def parse_model_overrides(text):
+  """'scan_blocks=True,conv_grads=xla' -> {'scan_blocks': True, 'conv_grads': 'xla'}."""
+  overrides = {}
+  for entry in filter(None, (e.strip() for e in text.split(','))):
+    field, sep, value = entry.partition('=')
+    if not sep or field not in defaults.get_config().model:
+      raise ValueError(f'bad --model entry {entry!r}: use FIELD=VALUE with a config.model field')
+    overrides[field] = {'True': True, 'False': False}.get(
+      value, int(value) if value.isdigit() else value
+    )
+  return overrides
+
+
 def make_config(spec):
   """The experiment config of `spec`: the paper's recipe with SGD in PyTorch's form (as the twin's)."""
   config = defaults.get_config() if spec.family == 'cifar' else defaults.get_imagenet_config()
@@ -251,10 +264,11 @@ def cpu_name():
   return f'CPU: {names[0] if names else platform.processor() or platform.machine()}'
 
 
-def jax_runner(spec, all_devices=False, activations='auto'):
+def jax_runner(spec, all_devices=False, activations='auto', model_overrides=None):
   """Our real training step (train.compile_steps) on one local device, or on all of them."""
   config = make_config(spec)
   config.model.activations = activations
+  config.model.update(model_overrides or {})
   devices = jax.local_devices() if all_devices else jax.local_devices()[:1]
   if spec.batch % len(devices):
     raise ValueError(f'batch {spec.batch} does not split over {len(devices)} devices')
@@ -281,7 +295,8 @@ def jax_runner(spec, all_devices=False, activations='auto'):
   _, params, _ = summary.count(config)
   return Runner(
     'JAX (ours)',
-    f'jit, {len(devices)} device{"s" if len(devices) > 1 else ""}',
+    f'jit, {len(devices)} device{"s" if len(devices) > 1 else ""}'
+    + ''.join(f', {k}={v}' for k, v in (model_overrides or {}).items()),
     spec,
     params,
     jax_device_name(devices),
@@ -485,12 +500,20 @@ def main(argv=None):
   parser.add_argument(
     '--activations', default='auto', help='our model.activations: auto, fused or materialized'
   )
+  parser.add_argument(
+    '--model',
+    default='',
+    help='more config.model fields for ours, FIELD=VALUE[,...], e.g. scan_blocks=True,conv_grads=xla',
+  )
   parser.add_argument('--out', default=str(RESULTS), help='the markdown file to update')
   args = parser.parse_args(argv)
   try:
     specs = parse_grid(args.grid)
+    model_overrides = parse_model_overrides(args.model)
     for spec in specs:
-      make_config(spec)
+      config = make_config(spec)
+      config.model.update(model_overrides)
+      models.create(config.model)  # a bad override fails here, before any timing
   except ValueError as e:
     parser.error(str(e))
   frameworks = {f.strip() for f in args.frameworks.split(',') if f.strip()}
@@ -536,7 +559,7 @@ def main(argv=None):
     print(f'{counts}; {macs / 1e9:.3f} G forward multiply-adds per image')
     runners = []
     if 'jax' in frameworks:
-      runners.append(jax_runner(spec, args.all_devices, args.activations))
+      runners.append(jax_runner(spec, args.all_devices, args.activations, model_overrides))
     for mode in modes if 'torch' in frameworks else []:
       try:
         runners.append(torch_runner(spec, mode, torch_device))

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import loop_conv
+
 PAD3 = ((1, 1), (1, 1))  # 3x3 convs: 1 pixel each side
 PAD7 = ((3, 3), (3, 3))  # ImageNet stem
 IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck), Table 1
@@ -222,7 +224,8 @@ class ResNet(nn.Module):
   For memory and compile time at depth (ResNet-1202): `remat` recomputes each block's activations in the
   backward pass, with the same variables (XLA:CPU saves memory only under scan). `scan_blocks` runs a stage's
   blocks 2..n as one nn.scan, 'stage{i}_block2to{n}', whose variables and sown values have a leading block
-  axis; stack_blocks/unstack_blocks convert.
+  axis; stack_blocks/unstack_blocks convert. On XLA:CPU the scanned blocks need loop_conv's gradients
+  (`explicit_conv_grads`) to run as fast as unrolled ones.
   """
 
   stage_sizes: Sequence[int]
@@ -245,6 +248,9 @@ class ResNet(nn.Module):
   freeze_bn: bool = False  # BN uses its running statistics in training too (they stay as loaded)
   # Every ReLU output as a buffer XLA cannot fuse through (see materialize).
   materialize: bool = False
+  # Which convolutions state their own gradients (loop_conv): 'none', 'scanned' (the blocks inside
+  # nn.scan) or 'all'. Same variables and numbers.
+  explicit_conv_grads: str = 'none'
 
   def __call__(self, x, train: bool = True):
     """The class logits (float32)."""
@@ -266,6 +272,9 @@ class ResNet(nn.Module):
     conv = functools.partial(
       nn.Conv, use_bias=False, kernel_init=he, dtype=self.dtype, param_dtype=self.param_dtype
     )
+    explicit_conv = functools.partial(conv, conv_general_dilated=loop_conv.conv_general_dilated)
+    if self.explicit_conv_grads == 'all':
+      conv = explicit_conv
     norm = functools.partial(
       BatchNorm,
       # freeze_bn: the loaded statistics in training too (the paper's detection fine-tuning)
@@ -311,6 +320,8 @@ class ResNet(nn.Module):
           split_rngs={'params': True},
           length=blocks - 1,
         )
+        if self.explicit_conv_grads == 'scanned':
+          block = functools.partial(block, conv=explicit_conv)
         x, _ = scan(block(strides=1, name=f'stage{i + 1}_block2to{blocks}'), x, None)
       else:
         for j in range(2, blocks + 1):
@@ -417,6 +428,11 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     )
   if activations == 'auto':
     activations = 'materialized' if jax.default_backend() == 'cpu' else 'fused'
+  conv_grads = model_config.get('conv_grads', 'auto')
+  if conv_grads not in ('auto', 'xla', 'explicit'):
+    raise ValueError(f"Unknown model.conv_grads {conv_grads!r}: use 'auto', 'xla' or 'explicit'.")
+  if conv_grads == 'auto':  # XLA:CPU's own are slow only inside loops
+    conv_grads = 'scanned' if jax.default_backend() == 'cpu' else 'none'
   stem_pool = model_config.get('stem_pool', 'symmetric')
   if stem_pool not in ('symmetric', 'caffe'):
     raise ValueError(f"Unknown model.stem_pool {stem_pool!r}: use 'symmetric' or 'caffe'.")
@@ -440,4 +456,5 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     stem_pool=stem_pool,
     freeze_bn=bool(freeze_bn),
     materialize=activations == 'materialized',
+    explicit_conv_grads={'xla': 'none', 'explicit': 'all'}.get(conv_grads, conv_grads),
   )

@@ -2,39 +2,40 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO
 
-from resnet_jax import defaults, train
+from resnet_jax import defaults, parallel, train
 
 
 @pytest.mark.slow
-def test_resnet1202_warm_up_stays_finite_and_bounded(tmp_path):
-  """The config's own recipe (warm-up at 0.01, scanned and recomputed blocks) on one batch of 8."""
+def test_resnet1202_warm_up_stays_finite_and_the_loss_falls(tmp_path):
+  """The config's own recipe (warm-up at 0.01, scanned and recomputed blocks), 40 steps on one batch of 8."""
   config = defaults.load_file(REPO / 'configs' / 'cifar10_1202.py')
   assert config.optimizer.warmup_learning_rate == 0.01 and config.model.scan_blocks
   # The warm-up phase itself: on 8 images a batch's error falls below 80% by chance within a few steps
-  # and ends the warm-up (at lr 0.1 the loss then jumped from 20 to 750 in a trial); at the paper's batch
-  # of 128 the error stays near 90% for the first hundreds of steps. Hold the warm-up for this check.
-  # Measured (2026-11-30): at lr 0.01 the loss stayed between 20 and 60 over 8 steps, without falling
-  # yet; what this checks is that the warm-up keeps the first steps finite and bounded.
+  # and would end the warm-up; at the paper's batch of 128 it stays near 90% for the first hundreds of
+  # steps. Hold the warm-up for this check.
   config.optimizer.warmup_error = 0.0
-  # One batch of 8 images (one per test device), seen at every step: the cheapest run in which a loss
-  # can fall. (At initialisation a 1202-layer net's logits are large: the first loss is far above ln 10.)
+  # The same 8 images (random crops and flips of them) at every step, on one device: ~2.5 s a step.
   config.data.update(source='synthetic', train_limit=8, eval_limit=8)
   config.train.update(
     batch_size=8,
     eval_batch_size=8,
-    num_steps=6,
+    num_steps=40,
     log_every_steps=1,
-    eval_every_steps=6,
-    checkpoint_every_steps=6,
+    eval_every_steps=40,
+    checkpoint_every_steps=40,
     bn_stats_images=8,
   )
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path), mesh=parallel.make_mesh(jax.devices()[:1]))
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  losses = [r['loss'] for r in rows if r['split'] == 'train']
-  assert len(losses) == 6 and np.all(np.isfinite(losses))
+  losses = np.array([r['loss'] for r in rows if r['split'] == 'train'])
+  assert len(losses) == 40 and np.all(np.isfinite(losses))
   assert all(r['lr'] == pytest.approx(0.01) for r in rows if r['split'] == 'train')
-  assert max(losses) < 5 * losses[0], losses  # at lr 0.1 it reached 38x the first loss
+  # At initialisation the first loss is far above ln 10 (large pooled features; see the config), and even
+  # at 0.01 the first steps overshoot before it falls. Measured (2026-11-30, seeds 0-2): peaks of 2.4-13.5x
+  # the first loss, then the last ten steps' lowest at 0.07-0.12 of it. Over the last ten it must reach a third.
+  assert losses[-10:].min() < losses[0] / 3, losses.round(2).tolist()
