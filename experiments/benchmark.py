@@ -138,6 +138,7 @@ def make_config(spec):
   config.train.batch_size = spec.batch
   # same cost as 'caffe'; the update torch.optim.SGD makes
   config.optimizer.momentum_style = 'pytorch'
+  config.optimizer.weight_decay_on = 'kernels'  # the twin's two parameter groups
   models.create(config.model)  # a bad depth fails here, before any timing
   return config
 

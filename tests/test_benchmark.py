@@ -120,6 +120,18 @@ def test_parse_grid():
     benchmark.make_config(benchmark.parse_grid('cifar21:8:float32')[0])
 
 
+def test_parse_model_overrides():
+  assert benchmark.parse_model_overrides('scan_blocks=True, conv_grads=xla,bn_group_size=32') == {
+    'scan_blocks': True,
+    'conv_grads': 'xla',
+    'bn_group_size': 32,
+  }
+  assert benchmark.parse_model_overrides('') == {}
+  for bad in ('scan_blocks', 'no_such_field=1'):
+    with pytest.raises(ValueError, match='--model'):
+      benchmark.parse_model_overrides(bad)
+
+
 def test_peaks_come_from_the_table():
   assert benchmark.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
   assert benchmark.peak_flops('NVIDIA H100 PCIe', 'float32') == 378e12
