@@ -122,3 +122,20 @@ def last_rows(workdir):
     row = json.loads(line)
     rows[row['step'], row['split']] = {k: v for k, v in row.items() if k not in TIMING}
   return rows
+
+
+def random_variables(shapes):
+  """He-scaled kernels, perturbed BN scales and biases, drawn with NumPy: an init compiles for seconds.
+  `shapes` is a variables tree of arrays or ShapeDtypeStructs (jax.eval_shape of an init); scanned
+  blocks' kernels, with their leading block axis, get the fan-in of one block's kernel."""
+  rng = np.random.default_rng(0)
+
+  def draw(path, x):
+    name = path[-1].key
+    if name in ('mean', 'var'):
+      return np.full(x.shape, float(name == 'var'), np.float32)
+    fan_in = np.prod(x.shape[-4:-1]) if len(x.shape) >= 4 else x.shape[0]
+    std = np.sqrt(2 / fan_in) if name == 'kernel' else 0.1
+    return (float(name == 'scale') + std * rng.normal(size=x.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)

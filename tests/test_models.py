@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import model_config
+from helpers import model_config, random_variables
 from jax import ad_checkpoint
 
 from resnet_jax import defaults, models, summary
@@ -271,25 +271,11 @@ def _train_step(config, params, batch_stats, batch=4):
   return jax.device_get({'loss': loss, 'grads': grads, 'logits': logits, **state})
 
 
-def _random_variables(shapes):
-  """He-scaled kernels, perturbed BN scales and biases, drawn with NumPy: an init compiles for seconds."""
-  rng = np.random.default_rng(0)
-
-  def draw(path, x):
-    name = path[-1].key
-    if name in ('mean', 'var'):
-      return np.full(x.shape, float(name == 'var'), np.float32)
-    std = np.sqrt(2 / np.prod(x.shape[:-1])) if name == 'kernel' else 0.1
-    return (float(name == 'scale') + std * rng.normal(size=x.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @functools.lru_cache(maxsize=None)
 def _unscanned_step(depth, **overrides):
   """The reference: an unscanned, unrematerialised net's variables and train step (once per session)."""
   config = model_config('cifar', depth, **overrides)
-  variables = _random_variables(param_shapes(config, 32))
+  variables = random_variables(param_shapes(config, 32))
   return variables, _train_step(config, variables['params'], variables['batch_stats'])
 
 
@@ -315,7 +301,7 @@ def test_remat_saves_only_the_blocks_inputs(capsys):
 
   def saved_activations(**overrides):
     model = models.create(model_config('cifar', 20, **overrides).model)
-    variables = _random_variables(param_shapes(model_config('cifar', 20), 32))
+    variables = random_variables(param_shapes(model_config('cifar', 20), 32))
     x = jnp.zeros((4, 32, 32, 3))
     loss = lambda p: model.apply(
       {'params': p, 'batch_stats': variables['batch_stats']}, x, train=True, mutable=['batch_stats']
@@ -405,7 +391,7 @@ def test_bn_stats_recompute_under_scanned_blocks():
   rng = np.random.default_rng(0)
   batches = [rng.normal(size=(8, 8, 8, 3)).astype(np.float32) + i for i in range(2)]
   shapes = jax.eval_shape(lambda: net(False).init(jax.random.key(0), batches[0], train=False))
-  variables = _random_variables(shapes)
+  variables = random_variables(shapes)
   mesh = parallel.make_mesh(jax.devices()[:4])
   placed = [parallel.to_global({'image': b}, mesh) for b in batches]
   expected = bn_stats.recompute(
