@@ -1,8 +1,14 @@
 """Checkpoints: training writes them and survives failures; tools only read them.
 
 Training (`restore_or_init`, `save`):
-- A damaged latest checkpoint is moved aside to checkpoints/corrupt/ (never deleted) and the previous one
-  is used: orbax's save() on an existing step does nothing, so a bad step left in place stays "latest".
+- A latest checkpoint that cannot be read is moved aside to checkpoints/corrupt/ (never deleted), and the
+  previous one used, only on evidence that its files are damaged (`damage_evidence`: a file missing or
+  shorter than when it was written, metadata that does not parse, a structure this code never writes).
+  Any other failure to read it (an I/O error, no memory, a library that cannot read intact files) stops
+  the run with CheckpointUnreadable and moves nothing: a transient fault must not cost the progress.
+  When every checkpoint was damaged the run stops too (NoUsableCheckpoint): starting again from step 0
+  is the caller's explicit choice (`fresh_start`). Under jax.distributed process 0 decides and moves;
+  every process restores the same step and a failure on any one stops them all.
 - A checkpoint of another network (a reused workdir) is refused before anything in the workdir changes;
   one of the same network in the other `model.scan_blocks` layout is converted.
 - A checkpoint that cannot be written (a full disk, any error of the asynchronous write, which surfaces at
@@ -21,6 +27,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import json
 import os
 import re
 import shutil
@@ -43,6 +50,14 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (e.g. the disk is full); the earlier ones are intact."""
 
 
+class CheckpointUnreadable(RuntimeError):
+  """A checkpoint could not be read and its files show no damage: nothing was moved."""
+
+
+class NoUsableCheckpoint(RuntimeError):
+  """Every checkpoint of the workdir was damaged and moved aside: no silent start from step 0."""
+
+
 def checkpoint_dir(workdir) -> str:
   """Absolute: orbax reads no metadata from a relative path."""
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
@@ -61,10 +76,16 @@ def manager(workdir, keep):
 
 def save(mngr, state, step):
   """Starts writing `state` as `step`; raises CheckpointWriteError for this or the previous write."""
+  # orbax waits for the previous write anyway; after it, that write's sizes are final
+  wait_until_saved(mngr, state)
   try:
     mngr.save(step, args=ocp.args.StandardSave(state))
   except Exception as e:  # noqa: BLE001  # orbax's background writes fail as ValueError, OSError, ...
     raise _write_failed(mngr, state, step, e) from e
+  _unrecorded.setdefault(str(mngr.directory), set()).add(step)
+
+
+_unrecorded = {}  # {checkpoint directory: steps this process started writing, FILES not yet written}
 
 
 def wait_until_saved(mngr, state):
@@ -73,6 +94,79 @@ def wait_until_saved(mngr, state):
     mngr.wait_until_finished()
   except Exception as e:  # noqa: BLE001
     raise _write_failed(mngr, state, None, e) from e
+  steps = _unrecorded.pop(str(mngr.directory), set())
+  if jax.process_index() == 0:
+    for step in sorted(steps & set(complete_steps(str(mngr.directory)))):  # not rotated away
+      record_files(os.path.join(str(mngr.directory), str(step)))
+
+
+FILES = 'files.json'  # in a finished step's directory: {relative path: size} of what orbax wrote
+
+
+def record_files(step_dir) -> None:
+  """Writes FILES for a checkpoint this run wrote, once orbax has finished it: the sizes that
+  `damage_evidence` compares against. Never rewritten; a checkpoint without it (killed between the two,
+  or older) is judged on its metadata alone."""
+  path = os.path.join(step_dir, FILES)
+  if os.path.exists(path):
+    return
+  sizes = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      full = os.path.join(root, name)
+      sizes[os.path.relpath(full, step_dir)] = os.path.getsize(full)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(sizes, f, indent=0, sort_keys=True)
+  os.replace(tmp, path)
+
+
+_REQUIRED = ('_CHECKPOINT_METADATA', 'default/_METADATA', 'default/manifest.ocdbt')
+_JSON = ('_CHECKPOINT_METADATA', 'default/_METADATA', 'default/_sharding', FILES)
+
+
+def damage_evidence(step_dir, state_fields=None):
+  """Why the checkpoint in `step_dir` is damaged, in words, or None when its files show no damage.
+
+  Evidence only: a file orbax always writes is missing; a file is missing or shorter than FILES recorded
+  after the write; a metadata file does not parse; the saved tree's top level is not the TrainState's
+  fields (`state_fields`). Reading errors (OSError) propagate: an unreadable file is no proof of damage.
+  """
+  for name in _REQUIRED:
+    if not os.path.exists(os.path.join(step_dir, name)):
+      return f'{name} is missing'
+  parsed = {}
+  for name in _JSON:
+    path = os.path.join(step_dir, name)
+    if name == FILES and not os.path.exists(path):
+      continue
+    with open(path) as f:
+      text = f.read()
+    try:
+      parsed[name] = json.loads(text)
+    except ValueError as e:
+      return f'{name} does not parse as JSON ({e})'
+  for name, size in parsed.get(FILES, {}).items():
+    path = os.path.join(step_dir, name)
+    if not os.path.exists(path):
+      return f'{name} is missing (written with {size} bytes)'
+    actual = os.path.getsize(path)
+    if actual < size:
+      return f'{name} is truncated ({actual} of {size} bytes)'
+  tree = parsed['default/_METADATA'].get('tree_metadata')
+  if not isinstance(tree, dict) or not tree:
+    return 'default/_METADATA holds no tree'
+  saved_fields = {_top_level(key) for key in tree}
+  if state_fields is not None and not saved_fields <= set(state_fields):
+    unknown = sorted(saved_fields - set(state_fields))
+    return f'default/_METADATA holds fields this code never saves ({", ".join(unknown)})'
+  return None
+
+
+def _top_level(key) -> str:
+  """The first element of an orbax tree-metadata key such as "('params', 'conv1', 'kernel')"."""
+  match = re.match(r"""\(\s*['"]([^'"]+)['"]""", key)
+  return match[1] if match else key
 
 
 @contextlib.contextmanager
@@ -202,42 +296,113 @@ def _move_aside(mngr, step):
   return dst
 
 
-def restore_or_init(workdir, keep, state, mesh):
-  """(manager, state): the newest readable checkpoint of `workdir`, else `state` placed on the mesh."""
+def corrupt_dir(workdir) -> str:
+  return os.path.join(checkpoint_dir(workdir), 'corrupt')
+
+
+def _moved_earlier(workdir) -> list:
+  directory = corrupt_dir(workdir)
+  return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+def _try_restore(mngr, step, target, replicated, workdir):
+  """(restored state or None, '' or why it could not be read on this process)."""
+  try:
+    saved_target, scan_blocks = _restore_target(mngr, step, target, workdir)
+    if saved_target is None:
+      return None, 'its metadata cannot be read'
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(saved_target))
+  except CheckpointMismatch as e:  # another network's, unless its files are damaged: decided below
+    return None, f'{_MISMATCH}{e}'
+  except Exception as e:  # noqa: BLE001  # classified by the files' evidence, not by the error's type
+    return None, f'{type(e).__name__}: {_first_line(e)}'
+  if scan_blocks is not None:  # saved in the other layout
+    convert = functools.partial(models.convert_layout, scan_blocks=scan_blocks)
+    restored = jax.jit(convert, out_shardings=replicated)(restored)
+    logging.info('Converted the checkpoint of step %d to model.scan_blocks=%s.', step, scan_blocks)
+  return restored, ''
+
+
+_MISMATCH = 'mismatch:'
+
+
+def _decide(mngr, step, failures, state_fields):
+  """Process 0's verdict on a checkpoint some process could not read: 'move:EVIDENCE' or 'stop:WHY'."""
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  try:
+    evidence = damage_evidence(step_dir, state_fields)
+  except OSError as e:
+    return f'stop:{failures}; reading its files failed too ({type(e).__name__}: {_first_line(e)})'
+  return f'move:{evidence}' if evidence else f'stop:{failures}'
+
+
+def restore_or_init(workdir, keep, state, mesh, fresh_start=False):
+  """(manager, state): the newest checkpoint of `workdir` that every process reads, else `state`.
+
+  Raises CheckpointUnreadable (nothing moved) when a checkpoint cannot be read without evidence of
+  damage, and NoUsableCheckpoint when checkpoints existed and all were damaged, unless `fresh_start`.
+  """
   parallel.sync_processes('restore_or_init')  # device_put of a global array is a collective
   replicated = parallel.replicated(mesh)
   state = jax.device_put(state, replicated)
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  state_fields = (
+    [f.name for f in dataclasses.fields(state)] if dataclasses.is_dataclass(state) else None
+  )
+  moved = []
   while True:
     mngr = manager(workdir, keep)
-    step = mngr.latest_step()
-    if step is None:
+    latest = mngr.latest_step()
+    step = parallel.from_process_zero('latest-step', '' if latest is None else str(latest))
+    if not step:
+      earlier = _moved_earlier(workdir)
+      if earlier and not fresh_start:
+        mngr.close()
+        raise NoUsableCheckpoint(
+          f'no checkpoint in {mngr.directory} can be restored: '
+          f'{", ".join(moved) if moved else "all"} were damaged and are in {corrupt_dir(workdir)} '
+          f'({", ".join(earlier)}); restore a good copy into {mngr.directory} and rerun, or start '
+          'again from step 0 on purpose with --fresh_start (the damaged ones stay where they are).'
+        )
       return mngr, state
-    try:
-      saved_target, scan_blocks = _restore_target(mngr, step, target, workdir)
-      if saved_target is not None:
-        restored = mngr.restore(step, args=ocp.args.StandardRestore(saved_target))
-        if scan_blocks is not None:  # saved in the other layout
-          convert = functools.partial(models.convert_layout, scan_blocks=scan_blocks)
-          restored = jax.jit(convert, out_shardings=replicated)(restored)
-          logging.info(
-            'Converted the checkpoint of step %d to model.scan_blocks=%s.', step, scan_blocks
-          )
-        logging.info('Resuming from the checkpoint of step %d in %s.', step, mngr.directory)
-        return mngr, restored
-    except CheckpointMismatch:
+    step = int(step)
+    restored, failure = _try_restore(mngr, step, target, replicated, workdir)
+    outcomes = parallel.from_all_processes('restore-outcome', failure)
+    if not any(outcomes):
+      logging.info('Resuming from the checkpoint of step %d in %s.', step, mngr.directory)
+      return mngr, restored
+    mismatch = next((f[len(_MISMATCH) :] for f in outcomes if f.startswith(_MISMATCH)), None)
+    described = '; '.join(
+      f'process {i}: {f}' if len(outcomes) > 1 else f for i, f in enumerate(outcomes) if f
+    )
+    verdict = None
+    if jax.process_index() == 0:
+      verdict = _decide(mngr, step, described, state_fields)
+    verdict = parallel.from_process_zero('restore-verdict', verdict or '')
+    kind, _, detail = verdict.partition(':')
+    if kind == 'stop' and mismatch is not None:
       mngr.close()
-      raise
-    except Exception as e:  # noqa: BLE001  # any failure to read means damage
-      logging.warning(
-        'The checkpoint of step %d cannot be read (%s).', step, str(e).splitlines()[0][:200]
+      raise CheckpointMismatch(mismatch)
+    if kind == 'stop':
+      mngr.close()
+      raise CheckpointUnreadable(
+        f'cannot read the checkpoint of step {step} in {mngr.directory} ({detail}), and its files '
+        'show no damage, so nothing was moved: fix the cause (the filesystem, permissions, memory, '
+        'or the orbax-checkpoint version) and rerun the same command to resume from it.'
       )
     mngr.close()
-    logging.warning(
-      'Moved the damaged checkpoint of step %d to %s; trying the previous one.',
-      step,
-      _move_aside(mngr, step),
-    )
+    if jax.process_index() == 0:
+      moved_to = _move_aside(mngr, step)
+      logging.warning(
+        'The checkpoint of step %d is damaged (%s; reading it gave: %s); moved it to %s and trying '
+        'the previous one.',
+        step,
+        detail,
+        described,
+        moved_to,
+      )
+    moved.append(str(step))
+    parallel.sync_processes('moved-aside')  # the others list the steps again only after the move
 
 
 @dataclasses.dataclass(frozen=True)

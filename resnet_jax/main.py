@@ -16,6 +16,12 @@ FLAGS = flags.FLAGS
 cli.define_config_flag(required=True)
 cli.define_workdir_flag('Directory for checkpoints, metrics and results; resumed if it has any.')
 cli.define_distributed_flags()
+flags.DEFINE_bool(
+  'fresh_start',
+  False,
+  'Train from step 0 in a workdir whose checkpoints were all found damaged and moved to '
+  'checkpoints/corrupt/ (they stay there); without it such a run stops and says so.',
+)
 
 
 def _writable(path):
@@ -53,11 +59,13 @@ def main(argv):
     cli.fail(str(e))
   logging.info('JAX devices: %s', jax.devices())
   try:
-    results = train.train_and_evaluate(config, FLAGS.workdir)
+    results = train.train_and_evaluate(config, FLAGS.workdir, fresh_start=FLAGS.fresh_start)
   except (
     data.DataError,
     checkpointing.CheckpointMismatch,
+    checkpointing.CheckpointUnreadable,
     checkpointing.CheckpointWriteError,
+    checkpointing.NoUsableCheckpoint,
     train.Diverged,
     validate.ConfigError,
     workdir_lock.WorkdirLocked,

@@ -69,6 +69,21 @@ def from_process_zero(name: str, value: str = '', timeout_s: int = 600) -> str:
   return client.blocking_key_value_get(key, timeout_in_ms=timeout_s * 1000)[1:]
 
 
+def from_all_processes(name: str, value: str, timeout_s: int = 600) -> list:
+  """Every process's `value`, in process order, on every process (the key-value store, as above)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax._src import distributed  # as in sync_processes
+
+  client = distributed.global_state.client
+  prefix = f'resnet_jax/{name}-{next(_shared)}'
+  client.key_value_set(f'{prefix}/{jax.process_index()}', f'={value}')
+  return [
+    client.blocking_key_value_get(f'{prefix}/{i}', timeout_in_ms=timeout_s * 1000)[1:]
+    for i in range(jax.process_count())
+  ]
+
+
 def map_step(fn, mesh, in_specs, out_specs, donate_argnums=()):
   """jit(shard_map(fn)): `fn` sees each device's share and may use collectives over AXIS."""
   return jax.jit(

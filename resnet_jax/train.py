@@ -371,13 +371,16 @@ class Segments:
     return sum(segment['wall_time_s'] for segment in self.all())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, mesh=None, fresh_start=False
+) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint (else starting from
   config.init_from's weights, if set); returns the results.json dict.
 
   The data is read and checked before the workdir is created, so a run that cannot start leaves nothing.
   The workdir's lock (workdir_lock) is held throughout: a second training of the same workdir stops with
-  WorkdirLocked before it reads or writes anything there.
+  WorkdirLocked before it reads or writes anything there. `fresh_start`: train from step 0 although
+  the workdir's checkpoints were all found damaged and moved aside (checkpointing.NoUsableCheckpoint).
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   ds = data_lib.load(config.data, config.seed)
@@ -391,17 +394,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     variables = finetune.initial_variables(config, models.create(config.model), source)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock.held(workdir, config.train.lock_timeout_s):
-    return _train(config, workdir, ds, mesh, variables)
+    return _train(config, workdir, ds, mesh, variables, fresh_start)
 
 
-def _train(config, workdir, ds, mesh, variables=None):
+def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
   """`variables`: the step-0 weights (config.init_from's), else the network's random init."""
   is_main = jax.process_index() == 0
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   tx = optim.create(config.optimizer, freeze_bn=config.model.get('freeze_bn', False))
   initial = create_train_state(config, model, tx, jax.random.key(config.seed), variables)
   manager, state = checkpointing.restore_or_init(
-    workdir, config.train.keep_checkpoints, initial, mesh
+    workdir, config.train.keep_checkpoints, initial, mesh, fresh_start
   )
   start_step, num_steps, k = (
     int(state.step),

@@ -527,3 +527,110 @@ def test_bad_input_is_refused_in_one_line(tmp_path, flags, message):
   assert 'Traceback' not in result.stderr
   assert 'Compiling' not in result.stderr  # refused before anything was compiled
   assert not (tmp_path / 'run').exists()  # and before the workdir was created
+
+
+# ------------------------------------------------------------ unreadable is not damaged (restore_or_init)
+
+_FAIL_RESTORE = """
+import errno, runpy, sys
+import orbax.checkpoint as ocp
+sys.modules['tensorflow'] = None
+def fail(*args, **kwargs):
+  raise {error}
+ocp.CheckpointManager.restore = fail
+sys.argv[0] = 'resnet_jax.main'
+runpy.run_module('resnet_jax.main', run_name='__main__')
+"""
+_FAULTS = {
+  'EIO': "OSError(errno.EIO, 'Input/output error')",
+  'ESTALE': "OSError(errno.ESTALE, 'Stale file handle')",
+  'MemoryError': 'MemoryError()',
+  'library': "ValueError('UNKNOWN: Error opening zarr driver: unsupported format version')",
+}
+
+
+def _error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith('error: ')]
+
+
+@pytest.mark.parametrize('fault', sorted(_FAULTS))
+def test_unreadable_checkpoint_stops_and_moves_nothing(tmp_path, fault):
+  config = small_run(**{**LONG, 'train__num_steps': 8})
+  train.train_and_evaluate(config, str(tmp_path))
+  before = _snapshot(tmp_path)
+  cmd = [
+    sys.executable,
+    '-c',
+    _FAIL_RESTORE.format(error=_FAULTS[fault]),
+    '--config=configs/cifar10_20.py',
+    f'--workdir={tmp_path}',
+    *as_flags(small_run(**LONG)),
+  ]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  errors = _error_lines(result.stderr)
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+  assert errors[0].startswith(
+    f'error: cannot read the checkpoint of step 8 in {tmp_path}/checkpoints'
+  )
+  expected = {
+    'EIO': 'OSError: [Errno 5] Input/output error',
+    'ESTALE': 'OSError: [Errno 116] Stale file handle',
+    'MemoryError': 'MemoryError',
+    'library': 'ValueError: UNKNOWN: Error opening zarr driver',
+  }[fault]
+  assert expected in errors[0] and 'nothing was moved' in errors[0], errors[0]
+  assert 'rerun the same command' in errors[0]
+  assert _snapshot(tmp_path) == before  # nothing moved, nothing written, the lock released
+
+
+def _delete_metadata(step_dir):
+  (step_dir / 'default' / '_METADATA').unlink()
+
+
+def _delete_array_files(step_dir):
+  files = list((step_dir / 'default' / 'd').iterdir())  # the arrays' data, as merged at the commit
+  assert files
+  for p in files:
+    p.unlink()
+
+
+_EVIDENCE = {
+  _truncate_data: 'is truncated (',
+  _garble_metadata: 'default/_METADATA does not parse as JSON',
+  _delete_metadata: 'default/_METADATA is missing',
+  _delete_array_files: 'is missing (written with ',
+}
+
+
+@pytest.mark.parametrize('damage', list(_EVIDENCE), ids=lambda f: f.__name__.strip('_'))
+def test_damage_is_named_in_the_log_when_moved(tmp_path, damage, caplog):
+  train.train_and_evaluate(small_run(**{**LONG, 'train__num_steps': 8}), str(tmp_path))
+  damage(tmp_path / 'checkpoints' / '8')
+  caplog.set_level('WARNING')
+  train.train_and_evaluate(small_run(**{**LONG, 'train__num_steps': 9}), str(tmp_path))
+  moved = [r.getMessage() for r in caplog.records if 'is damaged' in r.getMessage()]
+  assert len(moved) == 1 and _EVIDENCE[damage] in moved[0], moved
+  assert [p.name.split('-')[0] for p in (tmp_path / 'checkpoints' / 'corrupt').iterdir()] == ['8']
+  assert checkpoint_steps(tmp_path) == [4, 8, 9]  # resumed from step 4
+
+
+def test_no_restorable_checkpoint_stops_until_a_fresh_start_is_asked_for(tmp_path):
+  config = small_run(**{**LONG, 'train__num_steps': 8})
+  train.train_and_evaluate(config, str(tmp_path))
+  for step in (4, 8):
+    _garble_metadata(tmp_path / 'checkpoints' / str(step))
+  flags = as_flags(small_run(**LONG))
+  for _ in range(2):  # the first moves both aside; the second finds none and stops again
+    result = run_cli(tmp_path, *flags, check=False)
+    errors = _error_lines(result.stderr)
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f'error: no checkpoint in {tmp_path}/checkpoints can be restored')
+    assert '--fresh_start' in errors[0]
+    corrupt = sorted(p.name for p in (tmp_path / 'checkpoints' / 'corrupt').iterdir())
+    assert [name.split('-')[0] for name in corrupt] == ['4', '8']
+    assert all(name in errors[0] for name in corrupt)
+    assert checkpoint_steps(tmp_path) == []
+  run_cli(tmp_path, *flags, '--fresh_start')
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if r['split'] == 'train'][8:10] == [1, 2]  # from step 0 again
+  assert len(list((tmp_path / 'checkpoints' / 'corrupt').iterdir())) == 2  # kept
