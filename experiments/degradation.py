@@ -156,7 +156,9 @@ def draw_all(args):
   curves = {label: plot_curves.read_curves(path) for label, path in runs.items()}
   draw_fig1(curves, out / 'fig1')
   draw_fig6(curves, out / 'fig6')
-  stds = {label: layer_responses.layer_stds(str(path), args.num_images) for label, path in runs.items()}
+  stds = {
+    label: layer_responses.layer_stds(str(path), args.num_images) for label, path in runs.items()
+  }
   for ext in ('png', 'svg'):
     layer_responses.plot(stds, out / f'fig7.{ext}')
   (out / 'fig7.json').write_text(json.dumps({k: v.tolist() for k, v in stds.items()}, indent=1))
