@@ -305,22 +305,36 @@ def _moved_earlier(workdir) -> list:
   return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
 
-def _try_restore(mngr, step, target, replicated, workdir):
-  """(restored state or None, '' or why it could not be read on this process)."""
+def _read_here(directory, step, saved_target):
+  """This process's own copy of a replicated checkpoint, as host arrays.
+
+  Read without orbax's cross-process barriers (every process alone), so that a process that fails to
+  read cannot leave the others waiting in one: the processes agree on the outcome afterwards.
+  """
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  host_target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), saved_target
+  )
+  alone = ocp.options.MultiprocessingOptions(
+    primary_host=jax.process_index(), active_processes={jax.process_index()}
+  )
+  with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
+    restored = checkpointer.restore(os.path.join(directory, str(step), 'default'), host_target)
+  return jax.tree.map(np.asarray, restored)
+
+
+def _try_restore(mngr, step, target, workdir):
+  """(host state or None, the scan_blocks layout to convert it to or None, '' or why it could not be
+  read on this process)."""
   try:
     saved_target, scan_blocks = _restore_target(mngr, step, target, workdir)
     if saved_target is None:
-      return None, 'its metadata cannot be read'
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(saved_target))
+      return None, None, 'its metadata cannot be read'
+    return _read_here(str(mngr.directory), step, saved_target), scan_blocks, ''
   except CheckpointMismatch as e:  # another network's, unless its files are damaged: decided below
-    return None, f'{_MISMATCH}{e}'
+    return None, None, f'{_MISMATCH}{e}'
   except Exception as e:  # noqa: BLE001  # classified by the files' evidence, not by the error's type
-    return None, f'{type(e).__name__}: {_first_line(e)}'
-  if scan_blocks is not None:  # saved in the other layout
-    convert = functools.partial(models.convert_layout, scan_blocks=scan_blocks)
-    restored = jax.jit(convert, out_shardings=replicated)(restored)
-    logging.info('Converted the checkpoint of step %d to model.scan_blocks=%s.', step, scan_blocks)
-  return restored, ''
+    return None, None, f'{type(e).__name__}: {_first_line(e)}'
 
 
 _MISMATCH = 'mismatch:'
@@ -366,9 +380,14 @@ def restore_or_init(workdir, keep, state, mesh, fresh_start=False):
         )
       return mngr, state
     step = int(step)
-    restored, failure = _try_restore(mngr, step, target, replicated, workdir)
+    host, scan_blocks, failure = _try_restore(mngr, step, target, workdir)
     outcomes = parallel.from_all_processes('restore-outcome', failure)
     if not any(outcomes):
+      restored = jax.device_put(host, replicated)  # together: a collective across processes
+      if scan_blocks is not None:  # saved in the other layout
+        convert = functools.partial(models.convert_layout, scan_blocks=scan_blocks)
+        restored = jax.jit(convert, out_shardings=replicated)(restored)
+        logging.info('Converted the checkpoint of step %d to scan_blocks=%s.', step, scan_blocks)
       logging.info('Resuming from the checkpoint of step %d in %s.', step, mngr.directory)
       return mngr, restored
     mismatch = next((f[len(_MISMATCH) :] for f in outcomes if f.startswith(_MISMATCH)), None)

@@ -416,3 +416,21 @@ def test_every_relative_link_points_at_a_file_and_heading():
             f'{path.relative_to(REPO)}: {target} names no heading of {file or path.name}'
           )
   assert not wrong, '\n'.join(wrong)
+
+
+def test_every_test_the_docs_name_exists():
+  """The reliability lines cite tests by name: a renamed or removed test must not leave them behind.
+
+  Test names here are sentences (five words or more); the docs' shorter test_* words are results fields
+  such as test_error_exact_bn."""
+  defined = set()
+  for path in (REPO / 'tests').glob('test_*.py'):
+    defined |= set(re.findall(r'^def (test_\w+)', path.read_text(), re.M))
+  named = {
+    (path.name, name)
+    for path in DOCS
+    for name in re.findall(r'\b(test_\w+)\b', path.read_text())
+    if name.count('_') >= 5
+  }
+  assert named, 'the docs name no test'
+  assert sorted(n for n in named if n[1] not in defined) == []

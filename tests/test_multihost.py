@@ -25,9 +25,9 @@ pytestmark = pytest.mark.slow  # two CLI processes against one
 
 TIMEOUT = 300  # seconds for both processes together; both are killed past it or when either fails
 _MAIN = (
-  "import runpy, sys; sys.modules['tensorflow'] = None; sys.argv[0] = 'resnet_jax.main'; "
+  "import runpy, sys; sys.modules['tensorflow'] = None; {inject}sys.argv[0] = 'resnet_jax.main'; "
   "runpy.run_module('resnet_jax.main', run_name='__main__')"
-)  # python -m resnet_jax.main, without TF
+)  # python -m resnet_jax.main, without TF; `inject`: statements run first (a fault to inject)
 
 
 def free_port():
@@ -36,7 +36,7 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start(workdir, config, address, process_id, log):
+def start(workdir, config, address, process_id, log, inject=''):
   env = {
     **os.environ,
     'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
@@ -48,7 +48,7 @@ def start(workdir, config, address, process_id, log):
   cmd = [
     sys.executable,
     '-c',
-    _MAIN,
+    _MAIN.format(inject=inject),
     '--config=configs/cifar10_20.py',
     f'--workdir={workdir}',
     *as_flags(config),
@@ -60,11 +60,13 @@ def start(workdir, config, address, process_id, log):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=f)
 
 
-def wait_all(procs, timeout):
+def wait_all(procs, timeout, stop_at_first_failure=True):
   """The return codes, None for a process killed because its peer failed or the time ran out."""
   deadline = time.time() + timeout
   try:
-    while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+    while any(p.poll() is None for p in procs) and not (
+      stop_at_first_failure and any(p.poll() for p in procs)
+    ):
       assert time.time() < deadline, f'the two processes did not finish in {timeout} s'
       time.sleep(0.1)
     return [p.poll() for p in procs]
@@ -156,3 +158,69 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, monkeypatch
     )
     moved = np.linalg.norm(y - x0)
     assert moved > 0 and np.linalg.norm(x - y) < 0.02 * moved, (name, np.linalg.norm(x - y) / moved)
+
+
+def _truncate_arrays(step_dir):
+  for p in (step_dir / 'default' / 'd').iterdir():
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _listing(directory):
+  return sorted(str(p.relative_to(directory)) for p in directory.rglob('*'))
+
+
+def _checkpointed_on_four_devices(workdir):
+  """Steps 2, 4 and 6 written by one process with 4 devices: the two processes' job resumes it."""
+  config = small_run(train__num_steps=6, train__eval_every_steps=6, train__checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(workdir), mesh=parallel.make_mesh(jax.devices()[:4]))
+  assert checkpoint_steps(workdir) == [2, 4, 6]
+  return small_run(train__num_steps=8, train__eval_every_steps=8, train__checkpoint_every_steps=2)
+
+
+def _two_processes(workdir, config, inject=('', '')):
+  address = f'127.0.0.1:{free_port()}'
+  logs = [workdir.parent / f'{workdir.name}-process{i}.log' for i in range(2)]
+  procs = [start(workdir, config, address, i, logs[i], inject[i]) for i in range(2)]
+  codes = wait_all(procs, TIMEOUT, stop_at_first_failure=False)
+  return codes, [log.read_text() for log in logs]
+
+
+def test_a_damaged_checkpoint_is_moved_once_and_both_processes_resume_the_same_step(
+  tmp_path, monkeypatch
+):
+  monkeypatch.setattr(writers, '_tensorflow_available', lambda: False)
+  workdir = tmp_path / 'run'
+  config = _checkpointed_on_four_devices(workdir)
+  _truncate_arrays(workdir / 'checkpoints' / '6')
+  codes, logs = _two_processes(workdir, config)
+  assert codes == [0, 0], not_info(logs[0])[-3000:] + not_info(logs[1])[-3000:]
+  moved = [p.name.split('-')[0] for p in (workdir / 'checkpoints' / 'corrupt').iterdir()]
+  assert moved == ['6']  # exactly once
+  assert [log.count('is damaged (') for log in logs] == [1, 0]  # process 0 decided and said so
+  assert all('Resuming from the checkpoint of step 4 ' in log for log in logs)
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if r['split'] == 'train'] == [2, 4, 6, 6, 8]  # 5-8 again
+  assert checkpoint_steps(workdir) == [4, 6, 8]
+
+
+_EIO = (
+  'import errno, orbax.checkpoint as ocp; '
+  "ocp.StandardCheckpointer.restore = lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, 'Input/output error')); "
+)
+
+
+def test_an_io_error_on_one_process_stops_both_and_moves_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(writers, '_tensorflow_available', lambda: False)
+  workdir = tmp_path / 'run'
+  config = _checkpointed_on_four_devices(workdir)
+  before = _listing(workdir / 'checkpoints')
+  codes, logs = _two_processes(workdir, config, inject=('', _EIO))
+  assert codes == [2, 2], not_info(logs[0])[-3000:] + not_info(logs[1])[-3000:]
+  for log in logs:
+    errors = [line for line in log.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and errors[0].startswith(
+      f'error: cannot read the checkpoint of step 6 in {workdir}/checkpoints (process 1: OSError: '
+      '[Errno 5] Input/output error), and its files show no damage, so nothing was moved'
+    ), errors
+  assert _listing(workdir / 'checkpoints') == before
+  assert not (workdir / 'lock.json').exists()

@@ -327,13 +327,37 @@ def _garble_metadata(step_dir):
   (step_dir / 'default' / '_METADATA').write_text('{not json')
 
 
-@pytest.mark.parametrize('damage', [_truncate_data, _garble_metadata])
-def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, straight, damage):
+def _delete_metadata(step_dir):
+  (step_dir / 'default' / '_METADATA').unlink()
+
+
+def _delete_array_files(step_dir):
+  files = list((step_dir / 'default' / 'd').iterdir())  # the arrays' data, as merged at the commit
+  assert files
+  for p in files:
+    p.unlink()
+
+
+_EVIDENCE = {
+  _truncate_data: 'is truncated (',
+  _garble_metadata: 'default/_METADATA does not parse as JSON',
+  _delete_metadata: 'default/_METADATA is missing',
+  _delete_array_files: 'is missing (written with ',
+}
+
+
+@pytest.mark.parametrize('damage', list(_EVIDENCE), ids=lambda f: f.__name__.strip('_'))
+def test_damaged_latest_checkpoint_is_moved_aside_naming_the_evidence_and_the_previous_used(
+  tmp_path, straight, damage, caplog
+):
   config = small_run(**{**LONG, 'train__num_steps': 12})
   train.train_and_evaluate(config, str(tmp_path))
   assert checkpoint_steps(tmp_path) == [4, 8, 12]
   damage(tmp_path / 'checkpoints' / '12')
+  caplog.set_level('WARNING')
   train.train_and_evaluate(small_run(**LONG), str(tmp_path))
+  moved = [r.getMessage() for r in caplog.records if 'is damaged' in r.getMessage()]
+  assert len(moved) == 1 and _EVIDENCE[damage] in moved[0], moved
   corrupt = list((tmp_path / 'checkpoints' / 'corrupt').iterdir())
   assert [p.name.split('-')[0] for p in corrupt] == ['12']  # kept, not deleted
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -538,7 +562,7 @@ import orbax.checkpoint as ocp
 sys.modules['tensorflow'] = None
 def fail(*args, **kwargs):
   raise {error}
-ocp.CheckpointManager.restore = fail
+ocp.StandardCheckpointer.restore = fail
 sys.argv[0] = 'resnet_jax.main'
 runpy.run_module('resnet_jax.main', run_name='__main__')
 """
@@ -584,7 +608,7 @@ def test_other_read_failures_stop_too(tmp_path, fault, monkeypatch):
   def fail(*args, **kwargs):
     raise _FAULTS[fault]
 
-  monkeypatch.setattr(ocp.CheckpointManager, 'restore', fail)
+  monkeypatch.setattr(ocp.StandardCheckpointer, 'restore', fail)
   with pytest.raises(checkpointing.CheckpointUnreadable, match='nothing was moved') as raised:
     train.train_and_evaluate(small_run(**LONG), str(tmp_path))
   expected = {
@@ -594,37 +618,6 @@ def test_other_read_failures_stop_too(tmp_path, fault, monkeypatch):
   }[fault]
   assert 'step 8' in str(raised.value) and expected in str(raised.value)
   assert _snapshot(tmp_path) == before
-
-
-def _delete_metadata(step_dir):
-  (step_dir / 'default' / '_METADATA').unlink()
-
-
-def _delete_array_files(step_dir):
-  files = list((step_dir / 'default' / 'd').iterdir())  # the arrays' data, as merged at the commit
-  assert files
-  for p in files:
-    p.unlink()
-
-
-_EVIDENCE = {
-  _truncate_data: 'is truncated (',
-  _garble_metadata: 'default/_METADATA does not parse as JSON',
-  _delete_metadata: 'default/_METADATA is missing',
-  _delete_array_files: 'is missing (written with ',
-}
-
-
-@pytest.mark.parametrize('damage', list(_EVIDENCE), ids=lambda f: f.__name__.strip('_'))
-def test_damage_is_named_in_the_log_when_moved(tmp_path, damage, caplog):
-  train.train_and_evaluate(small_run(**{**LONG, 'train__num_steps': 8}), str(tmp_path))
-  damage(tmp_path / 'checkpoints' / '8')
-  caplog.set_level('WARNING')
-  train.train_and_evaluate(small_run(**{**LONG, 'train__num_steps': 9}), str(tmp_path))
-  moved = [r.getMessage() for r in caplog.records if 'is damaged' in r.getMessage()]
-  assert len(moved) == 1 and _EVIDENCE[damage] in moved[0], moved
-  assert [p.name.split('-')[0] for p in (tmp_path / 'checkpoints' / 'corrupt').iterdir()] == ['8']
-  assert checkpoint_steps(tmp_path) == [4, 8, 9]  # resumed from step 4
 
 
 def test_no_restorable_checkpoint_stops_until_a_fresh_start_is_asked_for(tmp_path):
