@@ -42,11 +42,13 @@ def get_config():
   config.model.scan_blocks = False
   # 'materialized': every ReLU output is written to memory once (a conditional XLA cannot fuse
   # through), so the backward pass reads it instead of recomputing the BN/ReLU/residual chain inside
-  # its transposes | 'fused': XLA's own fusion | 'auto': materialized on the CPU, fused elsewhere.
+  # its transposes | 'fused': XLA's own fusion | 'auto': models.backend_defaults (materialized on
+  # the CPU, fused elsewhere).
   config.model.activations = 'auto'
   # How the convolutions' gradients are computed: 'xla' (autodiff's own) | 'explicit' (resnet_jax/
   # loop_conv.py: both as NHWC convolutions, which XLA:CPU runs fast inside nn.scan's loop, where it
-  # runs its own 20x slower) | 'auto': explicit for scanned blocks on the CPU, xla elsewhere.
+  # runs its own 20x slower) | 'scanned': explicit in scanned blocks only | 'auto':
+  # models.backend_defaults (scanned on the CPU, xla elsewhere). The same numbers either way.
   config.model.conv_grads = 'auto'
   # ImageNet stem's 3x3/2 max pool: 'symmetric' pads 1 each side | 'caffe' as the released Caffe
   # models (no padding, ceil rounding: windows start one pixel later).

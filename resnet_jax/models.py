@@ -426,13 +426,14 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     raise ValueError(
       f"Unknown model.activations {activations!r}: use 'auto', 'fused' or 'materialized'."
     )
-  if activations == 'auto':
-    activations = 'materialized' if jax.default_backend() == 'cpu' else 'fused'
   conv_grads = model_config.get('conv_grads', 'auto')
-  if conv_grads not in ('auto', 'xla', 'explicit'):
-    raise ValueError(f"Unknown model.conv_grads {conv_grads!r}: use 'auto', 'xla' or 'explicit'.")
-  if conv_grads == 'auto':  # XLA:CPU's own are slow only inside loops
-    conv_grads = 'scanned' if jax.default_backend() == 'cpu' else 'none'
+  if conv_grads not in ('auto', 'xla', 'explicit', 'scanned'):
+    raise ValueError(
+      f"Unknown model.conv_grads {conv_grads!r}: use 'auto', 'xla', 'explicit' or 'scanned'."
+    )
+  auto = backend_defaults(jax.default_backend())
+  activations = auto['activations'] if activations == 'auto' else activations
+  conv_grads = auto['conv_grads'] if conv_grads == 'auto' else conv_grads
   stem_pool = model_config.get('stem_pool', 'symmetric')
   if stem_pool not in ('symmetric', 'caffe'):
     raise ValueError(f"Unknown model.stem_pool {stem_pool!r}: use 'symmetric' or 'caffe'.")
@@ -458,3 +459,13 @@ def create(model_config, bn_axis_name: Optional[str] = None) -> ResNet:
     materialize=activations == 'materialized',
     explicit_conv_grads={'xla': 'none', 'explicit': 'all'}.get(conv_grads, conv_grads),
   )
+
+
+def backend_defaults(backend: str) -> dict:
+  """What model.activations='auto' and model.conv_grads='auto' become on `backend`: the only
+  backend-dependent defaults. Both choices compute the same function (tests/test_backend_defaults.py);
+  they differ in speed only: XLA:CPU recomputes fused activation chains in the backward pass and runs
+  its own convolution gradients slowly inside nn.scan's loop (experiments/results/cpu_profile.md)."""
+  if backend == 'cpu':
+    return {'activations': 'materialized', 'conv_grads': 'scanned'}
+  return {'activations': 'fused', 'conv_grads': 'xla'}
