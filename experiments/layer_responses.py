@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,11 +31,6 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 from resnet_jax import checkpointing, data, defaults, models
-
-
-def _block_order(name):
-  """stage{i}_block{j} -> (i, j): layer order even past block 9 (ResNet-1202), whatever the dict order."""
-  return tuple(int(n) for n in re.findall(r'\d+', name))
 
 
 def make_moments_fn(model):
@@ -91,7 +85,7 @@ def layer_stds(workdir, num_images=1000, batch_size=200):
       totals[block] = (
         stats if block not in totals else [_merge(t, s) for t, s in zip(totals[block], stats)]
       )
-  layers = [s for block in sorted(totals, key=_block_order) for s in totals[block]]
+  layers = [s for block in sorted(totals, key=models.parse_block) for s in totals[block]]
   return np.array([np.sqrt(m2 / n).mean() for n, _, m2 in layers])
 
 

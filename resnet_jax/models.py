@@ -308,7 +308,7 @@ class ResNet(nn.Module):
         zero_init_last_bn=self.zero_init_last_bn,
         stride_on_3x3=self.stride_on_3x3,
       )
-      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1')(
+      x = block(strides=2 if i > 0 else 1, name=block_name(i + 1, 1))(
         x
       )  # changes shape: never scanned
       if self.scan_blocks and blocks > 1:
@@ -322,10 +322,10 @@ class ResNet(nn.Module):
         )
         if self.explicit_conv_grads == 'scanned':
           block = functools.partial(block, conv=explicit_conv)
-        x, _ = scan(block(strides=1, name=f'stage{i + 1}_block2to{blocks}'), x, None)
+        x, _ = scan(block(strides=1, name=scanned_name(i + 1, blocks)), x, None)
       else:
         for j in range(2, blocks + 1):
-          x = block(strides=1, name=f'stage{i + 1}_block{j}')(x)
+          x = block(strides=1, name=block_name(i + 1, j))(x)
       features[f'conv{i + 2}'] = x  # the paper's conv{i+2}_x: stage i+1
     if not head:
       return features
@@ -356,20 +356,42 @@ _BLOCK = re.compile(r'stage(\d+)_block(\d+)')
 _SCANNED = re.compile(r'stage(\d+)_block2to(\d+)')
 
 
+def block_name(stage: int, block: int) -> str:
+  """The module name of block `block` of stage `stage` (both from 1), as checkpoints hold it."""
+  return f'stage{stage}_block{block}'
+
+
+def scanned_name(stage: int, last: int) -> str:
+  """The module name of a scanned stage's blocks 2..`last` (model.scan_blocks)."""
+  return f'stage{stage}_block2to{last}'
+
+
+def parse_block(name: str):
+  """(stage, block) of a block's module name, else None."""
+  m = _BLOCK.fullmatch(name)
+  return (int(m[1]), int(m[2])) if m else None
+
+
+def parse_scanned(name: str):
+  """(stage, last block) of a scanned stage's module name, else None."""
+  m = _SCANNED.fullmatch(name)
+  return (int(m[1]), int(m[2])) if m else None
+
+
 def stack_blocks(tree):
   """One collection (params, batch_stats, an optimizer's copy of them) of the unscanned net in the layout of
   `scan_blocks=True`, where each stage's blocks 2..n are one module with a leading axis. A scanned net's
   fresh init draws different (equally distributed) weights."""
   out, stages = {}, {}
   for name, sub in tree.items():
-    m = _BLOCK.fullmatch(name)
-    if m and int(m[2]) > 1:
-      stages.setdefault(m[1], {})[int(m[2])] = sub
+    parsed = parse_block(name)
+    if parsed and parsed[1] > 1:
+      stages.setdefault(parsed[0], {})[parsed[1]] = sub
     else:
       out[name] = sub
   for i, blocks in stages.items():
     ordered = [blocks[j] for j in sorted(blocks)]
-    out[f'stage{i}_block2to{max(blocks)}'] = jax.tree.map(lambda *xs: jnp.stack(xs), *ordered)
+    out[scanned_name(i, max(blocks))] = jax.tree.map(lambda *xs: jnp.stack(xs), *ordered)
   return out
 
 
@@ -377,17 +399,17 @@ def unstack_blocks(tree):
   """The inverse of stack_blocks; it also splits sown collections (intermediates, bn_moments) per block."""
   out = {}
   for name, sub in tree.items():
-    m = _SCANNED.fullmatch(name)
-    if not m:
+    parsed = parse_scanned(name)
+    if not parsed:
       out[name] = sub
       continue
-    for j in range(2, int(m[2]) + 1):
-      out[f'stage{m[1]}_block{j}'] = jax.tree.map(lambda x, j=j: x[j - 2], sub)
+    for j in range(2, parsed[1] + 1):
+      out[block_name(parsed[0], j)] = jax.tree.map(lambda x, j=j: x[j - 2], sub)
   return out
 
 
 def _holds_blocks(x):
-  return isinstance(x, dict) and any(_BLOCK.fullmatch(k) or _SCANNED.fullmatch(k) for k in x)
+  return isinstance(x, dict) and any(parse_block(k) or parse_scanned(k) for k in x)
 
 
 def convert_layout(tree, scan_blocks: bool):

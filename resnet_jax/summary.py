@@ -10,7 +10,6 @@ analysis skips the padded taps of a conv and comes out ~8% low against the paper
 
 import dataclasses
 import json
-import re
 import sys
 from typing import Optional
 
@@ -19,9 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax import cli, diagram, models
-
-_SCANNED = re.compile(r'stage(\d+)_block2to(\d+)')
-_BLOCK = re.compile(r'stage(\d+)_block(\d+)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,14 +137,14 @@ def _unscan(calls):
   out = []
   done = set()  # scanned modules already repeated
   for path, call in calls.items():
-    scanned = _SCANNED.fullmatch(path[0]) if path else None
+    scanned = models.parse_scanned(path[0]) if path else None
     if not scanned:
       out.append((path, call))
     elif path[0] not in done:
       done.add(path[0])
       body = [(p, c) for p, c in calls.items() if p[0] == path[0]]
-      for j in range(2, int(scanned[2]) + 1):
-        out += [((f'stage{scanned[1]}_block{j}',) + p[1:], c) for p, c in body]
+      for j in range(2, scanned[1] + 1):
+        out += [((models.block_name(scanned[0], j),) + p[1:], c) for p, c in body]
   return out
 
 
@@ -167,7 +163,7 @@ def _layer(path, call):
     kernel, stride = (module.window, module.window), module.strides
   else:
     kernel, stride = (), 1
-  in_block = len(path) > 1 and _BLOCK.fullmatch(path[0])
+  in_block = len(path) > 1 and models.parse_block(path[0])
   return Layer(
     path='/'.join(path),
     kind=kind,
@@ -200,7 +196,7 @@ def _network(name, shape, calls):
     blocks.append(
       Block(
         path=block_path,
-        stage=int(_BLOCK.fullmatch(path[0])[1]),
+        stage=models.parse_block(path[0])[0],
         input_shape=tuple(call['input']),
         shape=tuple(call['output']),
         residual=call['module'].residual,
