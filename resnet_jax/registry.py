@@ -215,8 +215,8 @@ def fetch(name, progress=True):
     got = sha256_of(tmp)
     if not got.startswith(entry.sha256):
       raise DownloadError(
-        f'The file downloaded from {entry.url} has sha256 {got[:16]}... where the registry has '
-        f'{entry.sha256[:16]}...: rerun, or {_local_fix(entry)} with a copy you trust.'
+        f'The file downloaded from {entry.url} has sha256 {got[:16]} where the registry has '
+        f'{entry.sha256[:16]}: rerun, or {_local_fix(entry)} with a copy you trust.'
       )
     os.replace(tmp, path)
   finally:
