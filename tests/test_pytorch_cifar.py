@@ -250,3 +250,70 @@ def test_released_weights_on_the_real_test_set(
   )
   assert result['count'] == 10_000 and abs(our_errors - their_errors) <= 2
   assert their_errors < 2_000  # a trained network: the copy's labels and the weights agree
+
+
+def _converted_workdir(tmp_path, net):
+  torch.save(as_released(net), tmp_path / 'net.th')
+  workdir = tmp_path / 'converted'
+  pretrained.write_workdir(workdir, 'pytorch_resnet_cifar10', tmp_path / 'net.th', None)
+  return workdir
+
+
+def test_predict_names_cifar_classes_with_pytorchs_probabilities(images, tmp_path):
+  from PIL import Image
+
+  from resnet_jax import predict
+
+  net = random_net(20, seed=2)
+  workdir = _converted_workdir(tmp_path, net)
+  paths = []
+  for i, image in enumerate(images[:3]):
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(image).save(paths[-1])
+  Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / 'big.png')
+  results, failed = predict.classify(
+    checkpointing.open_workdir(workdir), [*paths, str(tmp_path / 'big.png')], 3
+  )
+  assert failed == [
+    (str(tmp_path / 'big.png'), 'is 30x40 pixels where the model takes 32x32: resize it.')
+  ]
+  probabilities = torch.softmax(torch.from_numpy(torch_logits(net, images[:3])), -1).numpy()
+  names = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+  for result, p in zip(results, probabilities):
+    best = [c['label'] for c in result['top']]
+    assert best == list(np.argsort(-p)[:3])
+    assert [c['name'] for c in result['top']] == [names[k] for k in best]
+    np.testing.assert_allclose([c['probability'] for c in result['top']], p[best], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_convert_and_predict_clis(images, tmp_path):
+  import subprocess
+
+  from conftest import REPO
+  from PIL import Image
+
+  torch.save(as_released(random_net(20, seed=3)), tmp_path / 'resnet20.th')
+  workdir = tmp_path / 'w'
+  run = lambda module, *args: subprocess.run(  # noqa: E731
+    [sys.executable, '-m', f'resnet_jax.{module}', *map(str, args)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
+  args = ['--format=pytorch_resnet_cifar10', f'--weights={tmp_path / "resnet20.th"}']
+  result = run('convert', *args, f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'wrote pytorch_resnet_cifar10_resnet20 (step 0)' in result.stderr
+  wrong = run('convert', *args, '--depth=56', f'--workdir={tmp_path / "x"}')
+  assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1] == (
+    'error: The weights are a ResNet-20 where --depth=56 was given: pass --depth=20 or leave it out.'
+  )
+  assert not (tmp_path / 'x').exists()
+  Image.fromarray(images[0]).save(tmp_path / 'image.png')
+  result = run('predict', f'--workdir={workdir}', '--top=2', tmp_path / 'image.png')
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert lines[0] == str(tmp_path / 'image.png') and len(lines) == 3
+  names = {'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'}
+  assert all(line.split()[-1] in names for line in lines[1:])
