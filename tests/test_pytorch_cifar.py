@@ -317,3 +317,36 @@ def test_convert_and_predict_clis(images, tmp_path):
   assert lines[0] == str(tmp_path / 'image.png') and len(lines) == 3
   names = {'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'}
   assert all(line.split()[-1] in names for line in lines[1:])
+
+
+@pytest.mark.slow
+def test_finetuning_from_a_converted_model_feeds_it_its_input(tmp_path):
+  """init_from a converted network with the source's input fields, a negligible lr and frozen BN: the
+  run's evaluation scores are PyTorch's on the same images, so its input is normalised as PyTorch's."""
+  from helpers import small_run
+
+  from resnet_jax import data as data_lib
+  from resnet_jax import train
+
+  net = random_net(8, seed=4)
+  with torch.no_grad():
+    net.linear.weight.mul_(20)  # scores that vary from image to image
+  workdir = _converted_workdir(tmp_path, net)
+  config = small_run(
+    model__freeze_bn=True,
+    optimizer__learning_rate=1e-12,
+    train__num_steps=2,
+    train__eval_every_steps=2,
+  )
+  config.init_from = str(workdir)
+  config.data.update(channel_mean=MEAN, channel_std=STD)
+  results = train.train_and_evaluate(config, str(tmp_path / 'finetuned'))
+  assert results['steps'] == 2
+  run = checkpointing.open_workdir(tmp_path / 'finetuned')
+  ds = data_lib.load(run.config.data, run.config.seed)
+  scores, labels = evaluate.evaluate_scores(
+    '1crop', models.create(run.config.model), run.variables, ds, run.config, parallel.make_mesh()
+  )
+  theirs = torch.softmax(torch.from_numpy(torch_logits(net, ds.eval_images)), -1).numpy()
+  np.testing.assert_allclose(scores, theirs, rtol=0, atol=1e-5)
+  assert np.abs(theirs - theirs.mean(0)).max() > 1e-2  # they do depend on the image
