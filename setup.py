@@ -36,11 +36,13 @@ setuptools.setup(
       'pytest',
       'pytest-xdist',  # the README's test command runs the suite on every core
       'ruff',
-      # The PyTorch twin and the torchvision conversion tests. Pinned as a pair: these two load their
-      # operators together (a torchvision beside another torch build fails to import).
+      # The PyTorch twin and the conversion tests; pinned as the torch extra's pair.
       'torch==2.14.1',
       'torchvision==0.29.1',
     ],
-    'bench': ['torch'],  # experiments/benchmark.py's PyTorch twin
+    # Converting PyTorch files (torchvision, pytorch_resnet_cifar10) and experiments/benchmark.py's
+    # PyTorch twin. Pinned as a pair: these two load their operators together (a torchvision beside
+    # another torch build fails to import).
+    'torch': ['torch==2.14.1', 'torchvision==0.29.1'],
   },
 )

@@ -527,7 +527,7 @@ def main(argv=None):
     try:
       import torch
     except ImportError:
-      parser.error("--frameworks=torch needs PyTorch: pip install -e '.[bench]'")
+      parser.error("--frameworks=torch needs PyTorch: pip install -e '.[torch]'")
     torch_device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     modes = [m.strip() for m in args.torch_modes.split(';') if m.strip()] or torch_modes(
       torch_device

@@ -74,12 +74,13 @@ def get_config():
   config.data.train_limit = 0
   config.data.eval_limit = 0
   config.data.prefetch = 2  # batches placed on devices ahead of the step
-  # ImageNet's network input: x = (pixels in 0..255 - mean image) / (1 / input_scale), then
+  # The network input (ImageNet and CIFAR): x = (pixels in 0..255 - mean image) * input_scale, then
   # (x - channel_mean) / channel_std. The mean image is data.mean_image_file (float32 [crop, crop, 3]
   # RGB .npy; relative to the workdir in a workdir's config.json) when set; else none when
   # channel_mean is set; else the per-pixel mean computed from training images (the paper). A
   # converted model's config says how its framework preprocessed (torchvision: 1/255, ImageNet's
-  # channel mean and std; Caffe: 1, the released mean image); the defaults are the paper's.
+  # channel mean and std, as pytorch_resnet_cifar10's; Caffe: 1, the released mean image); the
+  # defaults are the paper's.
   config.data.input_scale = 1 / 255
   config.data.channel_mean = ()  # in input units (after input_scale); () = none
   config.data.channel_std = ()  # () = 1

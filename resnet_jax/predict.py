@@ -1,9 +1,10 @@
 """The top classes of images under a workdir's model, converted or trained, preprocessed as its config says
-(the 1-crop view: shorter side data.eval_resize, the centre data.image_size crop).
+(ImageNet: the 1-crop view, shorter side data.eval_resize and the centre data.image_size crop; CIFAR:
+the whole image, which must be data.image_size square).
 
   python -m resnet_jax.predict --workdir=DIR IMAGE [IMAGE ...] [--top=5] [--json]
 
-For each image, its top classes: WordNet id, ImageNet name and probability. An image that cannot be read or
+For each image, its top classes: WordNet id (ImageNet), class name and probability. An image that cannot be read or
 decoded is named in one line on stderr and the others are still classified; the exit code is then 2. The
 workdir is only read.
 """
@@ -28,16 +29,45 @@ def mean_image(config):
   return data_lib.load(config.data, config.seed).mean_image
 
 
+def _cifar_view(data, config, mean):
+  """A CIFAR model's input: the whole image, as evaluation sees it."""
+  import io
+
+  import numpy as np
+  from PIL import Image, UnidentifiedImageError
+
+  from resnet_jax.data import in_memory
+
+  size = int(config.data.image_size)
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      pixels = np.asarray(image.convert('RGB'))
+  except (UnidentifiedImageError, OSError) as e:
+    raise in_memory.DataError(f'not an image PIL can decode ({type(e).__name__}).') from None
+  if pixels.shape[:2] != (size, size):
+    raise in_memory.DataError(
+      f'{pixels.shape[1]}x{pixels.shape[0]} pixels where the model takes {size}x{size}: resize it.'
+    )
+  cfg = config.data
+  return in_memory.preprocess_eval(
+    pixels[None], mean, cfg.input_scale, cfg.channel_mean, cfg.channel_std
+  )[0]
+
+
 def inputs(paths, config, mean):
   """(network inputs of the images that decode, their paths, [(path, problem)] of the others)."""
   from resnet_jax.data import imagenet
 
+  cifar = config.data.name != 'imagenet2012'
   images, good, failed = [], [], []
   for path in paths:
     try:
       with open(path, 'rb') as f:
         data = f.read()
-      images.append(imagenet.one_crop(data, config.data, mean))
+      if cifar:
+        images.append(_cifar_view(data, config, mean))
+      else:
+        images.append(imagenet.one_crop(data, config.data, mean))
       good.append(path)
     except OSError as e:
       failed.append((path, f'cannot be read ({e.strerror or type(e).__name__}).'))
@@ -52,7 +82,7 @@ def classify(run, paths, top):
   import numpy as np
 
   from resnet_jax import models
-  from resnet_jax.data import imagenet
+  from resnet_jax.data import imagenet, in_memory
 
   config = run.config
   images, good, failed = inputs(paths, config, mean_image(config))
@@ -69,6 +99,8 @@ def classify(run, paths, top):
   known = config.model.num_classes == imagenet.NUM_CLASSES
   wnids = imagenet.ilsvrc_wnids() if known else None
   names = imagenet.ilsvrc_names() if known else None
+  if config.data.name == 'cifar10' and config.model.num_classes == len(in_memory.CIFAR10_CLASSES):
+    names = in_memory.CIFAR10_CLASSES
   results = []
   for path, p in zip(good, scores):
     best = np.argsort(-p, kind='stable')[:top]
@@ -79,7 +111,7 @@ def classify(run, paths, top):
           {
             'label': int(k),
             'wnid': wnids[k] if known else None,
-            'name': names[k] if known else f'class {k}',
+            'name': names[k] if names else f'class {k}',
             'probability': float(p[k]),
           }
           for k in best
@@ -115,11 +147,6 @@ def main(argv):
     run = checkpointing.open_workdir(FLAGS.workdir)
   except FileNotFoundError as e:
     cli.fail(str(e))
-  if run.config.data.name != 'imagenet2012':
-    cli.fail(
-      f'{FLAGS.workdir} holds a {run.config.data.name} model: predict classifies ImageNet images '
-      'with an ImageNet model (trained or converted).'
-    )
   try:
     results, failed = classify(run, paths, FLAGS.top)
   except data_lib.DataError as e:
@@ -135,7 +162,7 @@ def main(argv):
 if __name__ == '__main__':
   from absl import flags
 
-  cli.define_workdir_flag('A converted or trained ImageNet workdir (config.json + checkpoints).')
+  cli.define_workdir_flag('A converted or trained workdir (config.json + checkpoints).')
   flags.DEFINE_integer('top', 5, 'Classes to print per image.')
   flags.DEFINE_bool(
     'json', False, 'Print a JSON list of {"image", "top": [{label, wnid, name, probability}]}.'

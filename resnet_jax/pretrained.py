@@ -1,7 +1,8 @@
-"""Released ResNet weights as this codebase's variables: torchvision's and the paper's Caffe models.
+"""Released ResNet weights as this codebase's variables: torchvision's, the paper's Caffe models and
+pytorch_resnet_cifar10's CIFAR ResNets.
 
 The conversions are pure, NumPy in and out. Each returns the `config.model` fields the weights need (the
-two sources differ in where a bottleneck strides and in the stem's pool alignment) and the variables
+sources differ in where a bottleneck strides and in the stem's pool alignment) and the variables
 {'params', 'batch_stats'} of `models.create` with those fields. PREPROCESSING says what input each
 source's network expects; `preprocess` is its NumPy reference.
 
@@ -20,30 +21,11 @@ from flax import traverse_util
 from google.protobuf import message
 
 from resnet_jax import caffe_proto, checkpointing, defaults, models, optim, train
+from resnet_jax.registry import PREPROCESSING
 
 DEPTHS = tuple(sorted(models.IMAGENET_STAGES))
 CAFFE_DEPTHS = (50, 101, 152)  # the released models
 BN_EPSILON = 1e-5  # torchvision's and Caffe's BatchNorm default, as models.BatchNorm
-
-PREPROCESSING = {
-  # torchvision.transforms: ToTensor (RGB in [0, 1]), then Normalize(mean, std).
-  'torchvision': {
-    'channel_order': 'rgb',
-    'scale': 1 / 255,
-    'mean': (0.485, 0.456, 0.406),
-    'std': (0.229, 0.224, 0.225),
-    'mean_image': False,
-  },
-  # Caffe: pixels in 0..255 minus the per-pixel mean image (mean_image_from_binaryproto); BGR in
-  # the files, RGB here because from_caffe reverses conv1's input channels.
-  'caffe': {
-    'channel_order': 'rgb',
-    'scale': 1.0,
-    'mean': (0.0, 0.0, 0.0),
-    'std': (1.0, 1.0, 1.0),
-    'mean_image': True,
-  },
-}
 
 
 class ConversionError(ValueError):
@@ -70,14 +52,33 @@ def preprocess(images, spec, mean_image=None):
 
 
 def load_state_dict(path):
-  """{name: array} of a torch.save'd state_dict (.pth); torch is needed only here."""
+  """{name: array} of a torch.save'd state_dict (.pth, or a checkpoint dict holding one under
+  'state_dict'); torch is needed only here, and installed by the `torch` extra."""
   import pickle
 
-  import torch
-
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError(
+      f'Reading {path}, a PyTorch file, needs torch, which is not installed: install the torch '
+      "extra (pip install -e '.[torch]' in a checkout)."
+    ) from None
   try:
     state_dict = torch.load(path, map_location='cpu', weights_only=True)
-  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+  except EOFError as e:
+    raise ConversionError(
+      f'{path} ends early ({type(e).__name__}), a truncated download: fetch the file again.'
+    ) from e
+  except RuntimeError as e:
+    if 'EOF' in str(e):
+      raise ConversionError(
+        f'{path} ends early (unexpected EOF), a truncated download: fetch the file again.'
+      ) from e
+    raise ConversionError(
+      f'{path} is not a PyTorch file ({type(e).__name__}): pass a .pth written '
+      'by torch.save(model.state_dict()).'
+    ) from e
+  except (pickle.UnpicklingError, ValueError, KeyError, IndexError, TypeError) as e:
     raise ConversionError(
       f'{path} is not a PyTorch file ({type(e).__name__}): pass a .pth written '
       'by torch.save(model.state_dict()).'
@@ -87,7 +88,13 @@ def load_state_dict(path):
       f'{path} holds a {type(state_dict).__name__}, not a state_dict: pass a '
       '.pth written by torch.save(model.state_dict()).'
     )
-  return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+
+  def numpy(tree):
+    if isinstance(tree, dict):
+      return {k: numpy(v) for k, v in tree.items()}
+    return tree.numpy() if isinstance(tree, torch.Tensor) else tree
+
+  return numpy(state_dict)
 
 
 def _layout(depth):
@@ -146,12 +153,13 @@ def _check(name, array, want, depth, inferred):
   return array
 
 
-def _assemble(depth, inferred, fetch):
+def _assemble(depth, inferred, fetch, layout=None):
   """{'params', 'batch_stats'} from fetch(path, kind) -> [(source name, array)] in the order
-  conv: (weight OIHW,), bn: (scale, bias, mean, var), fc: (weight (out, in), bias)."""
+  conv: (weight OIHW,), bn: (scale, bias, mean, var), fc: (weight (out, in), bias), over `layout`
+  (default: the ImageNet ResNet's)."""
   params, batch_stats = {}, {}
   num_classes = None
-  for path, kind, shape in _layout(depth):
+  for path, kind, shape in layout or _layout(depth):
     named = fetch(path, kind)
     if kind == 'conv':
       wants = [shape]
@@ -404,9 +412,182 @@ def mean_image_from_binaryproto(blob_proto):
   return np.ascontiguousarray(array.transpose(1, 2, 0)[..., ::-1], np.float32)
 
 
+# pytorch_resnet_cifar10 (akamaster): conv1/bn1, layer{1,2,3}.{i}.conv{1,2}/bn{1,2}, linear; saved from
+# DataParallel, so keys may carry 'module.'. Its option-A shortcut pads planes//4 zero channels on both
+# sides of the subsampled input where ours pads at the end (Shortcut): the same function up to a
+# permutation of each stage's residual channels, which the conversion carries through.
+CIFAR_WIDTHS = (16, 32, 64)
+_CIFAR_BLOCK = re.compile(r'layer(\d)\.(\d+)\.conv1\.weight')
+
+
+def cifar_stream_orders():
+  """Per stage, their channel of each of our residual channels: ours[..., i] is theirs[order[i]].
+
+  Stage s + 1 holds their stage s stream at channels C/2 .. 3C/2 (C = stage s's width) between two C/2
+  zero pads; ours holds it at 0 .. C, zeros after.
+  """
+  orders = [np.arange(CIFAR_WIDTHS[0])]
+  for before, width in zip(CIFAR_WIDTHS, CIFAR_WIDTHS[1:]):
+    pad = (width - before) // 2
+    zeros = np.concatenate([np.arange(pad), np.arange(pad + before, width)])
+    orders.append(np.concatenate([pad + orders[-1], zeros]))
+  return orders
+
+
+def _cifar_layout(depth):
+  """As _layout, for the CIFAR ResNet with option-A shortcuts (no shortcut parameters)."""
+  blocks = (depth - 2) // 6
+  layers = [(('stem_conv',), 'conv', (16, 3, 3, 3)), (('stem_bn',), 'bn', 16)]
+  in_features = CIFAR_WIDTHS[0]
+  for i, width in enumerate(CIFAR_WIDTHS):
+    for j in range(1, blocks + 1):
+      block = f'stage{i + 1}_block{j}'
+      layers += [
+        ((block, 'conv1'), 'conv', (width, in_features, 3, 3)),
+        ((block, 'bn1'), 'bn', width),
+        ((block, 'conv2'), 'conv', (width, width, 3, 3)),
+        ((block, 'bn2'), 'bn', width),
+      ]
+      in_features = width
+  layers.append((('fc',), 'fc', (None, in_features)))
+  return layers
+
+
+def _cifar_orders(path, orders):
+  """(order of the input channels, order of the output channels) of a layer; None keeps them."""
+  if path[0] in ('stem_conv', 'stem_bn'):
+    return None, orders[0]
+  if path[0] == 'fc':
+    return orders[-1], None
+  stage, block = map(int, re.fullmatch(r'stage(\d)_block(\d+)', path[0]).groups())
+  if path[1] in ('conv1', 'bn1'):
+    reads = orders[stage - 2] if block == 1 and stage > 1 else orders[stage - 1]
+    return (reads if path[1] == 'conv1' else None), None
+  return None, orders[stage - 1]
+
+
+def _cifar_name(path):
+  if path[0] in ('stem_conv', 'stem_bn'):
+    return 'conv1' if path[0] == 'stem_conv' else 'bn1'
+  if path[0] == 'fc':
+    return 'linear'
+  stage, block = re.fullmatch(r'stage(\d)_block(\d+)', path[0]).groups()
+  return f'layer{stage}.{int(block) - 1}.{path[1]}'
+
+
+def _cifar_arrays(state_dict):
+  """{name: array} without 'module.' and BN's counters, from a bare state_dict or a checkpoint dict."""
+  if not hasattr(state_dict, 'items'):
+    raise ConversionError(
+      f'A {type(state_dict).__name__} is not a state_dict: pass a file of '
+      'pytorch_resnet_cifar10 (a dict with a state_dict) or its state_dict.'
+    )
+  if hasattr(state_dict.get('state_dict'), 'items'):
+    state_dict = state_dict['state_dict']
+  arrays = {}
+  for key, value in state_dict.items():
+    if not isinstance(key, str) or key.endswith('num_batches_tracked'):
+      continue
+    if hasattr(value, 'detach'):  # a torch tensor
+      value = value.detach().cpu().numpy()
+    arrays[key.removeprefix('module.')] = value
+  return arrays
+
+
+def _check_cifar_source(arrays):
+  """One sentence for the files people mistake for these: ImageNet ResNets, option-B CIFAR ResNets."""
+  if 'fc.weight' in arrays or any(k.startswith('layer4.') for k in arrays):
+    raise ConversionError(
+      'The weights are an ImageNet ResNet (fc, layer4), not a pytorch_resnet_cifar10 CIFAR ResNet: '
+      'convert them with --format=torchvision.'
+    )
+  projection = next((k for k in arrays if '.shortcut.' in k or '.downsample.' in k), None)
+  if projection:
+    raise ConversionError(
+      f"The weights have projection shortcuts ({projection}, option B) where pytorch_resnet_cifar10's "
+      'released networks and this conversion use option A: pass one of its option-A files '
+      '(resnet20-12fca82f.th, ...).'
+    )
+  if 'conv1.weight' not in arrays or 'linear.weight' not in arrays:
+    missing = 'conv1.weight' if 'conv1.weight' not in arrays else 'linear.weight'
+    raise ConversionError(
+      f'The state_dict has no {missing}: pass a file of pytorch_resnet_cifar10 '
+      "(torch.save({'state_dict': model.state_dict()}) of its resnet.py)."
+    )
+
+
+def from_pytorch_resnet_cifar10(state_dict, depth=None):
+  """(config.model overrides, variables) of a pytorch_resnet_cifar10 ResNet (its checkpoint dict
+  {'state_dict': ...} or a bare state_dict, keys with or without 'module.'); `depth` is read from the
+  weights and only checked when given."""
+  arrays = _cifar_arrays(state_dict)
+  _check_cifar_source(arrays)
+  blocks = [0, 0, 0]
+  for key in arrays:
+    m = _CIFAR_BLOCK.fullmatch(key)
+    if m and 1 <= int(m[1]) <= 3:
+      blocks[int(m[1]) - 1] += 1
+  if len(set(blocks)) != 1 or not blocks[0]:
+    raise ConversionError(
+      f'The weights have {blocks[0]}, {blocks[1]} and {blocks[2]} blocks in layer1..3 where a CIFAR '
+      'ResNet has n in each: pass a file of pytorch_resnet_cifar10.'
+    )
+  inferred = 6 * blocks[0] + 2
+  if depth is not None and depth != inferred:
+    raise ConversionError(
+      f'The weights are a ResNet-{inferred} where --depth={depth} was given: pass '
+      f'--depth={inferred} or leave it out.'
+    )
+  depth = inferred
+  orders = cifar_stream_orders()
+  used = set()
+
+  def get(name):
+    if name not in arrays:
+      raise ConversionError(
+        f'The weights have no layer {name} that ResNet-{depth} needs: pass a file of '
+        'pytorch_resnet_cifar10.'
+      )
+    used.add(name)
+    return name, arrays[name]
+
+  def fetch(path, kind):
+    name = _cifar_name(path)
+    reads, writes = _cifar_orders(path, orders)
+    if kind == 'conv':
+      key, weight = get(f'{name}.weight')
+      weight = np.asarray(weight)
+      if weight.ndim == 4 and writes is not None and weight.shape[0] == len(writes):
+        weight = weight[writes]
+      if weight.ndim == 4 and reads is not None and weight.shape[1] == len(reads):
+        weight = weight[:, reads]
+      return [(key, weight)]
+    if kind == 'bn':
+      named = [get(f'{name}.{p}') for p in ('weight', 'bias', 'running_mean', 'running_var')]
+      if writes is None:
+        return named
+      return [(k, a[writes] if np.shape(a) == writes.shape else a) for k, a in named]
+    (weight_key, weight), bias = get(f'{name}.weight'), get(f'{name}.bias')
+    weight = np.asarray(weight)
+    if weight.ndim == 2 and weight.shape[1] == len(reads):
+      weight = weight[:, reads]
+    return [(weight_key, weight), bias]
+
+  variables, num_classes = _assemble(depth, depth, fetch, _cifar_layout(depth))
+  _check_unused(arrays, used, depth, depth)
+  overrides = {
+    'family': 'cifar',
+    'depth': depth,
+    'residual': True,
+    'shortcut': 'A',
+    'num_classes': num_classes,
+  }
+  return overrides, variables
+
+
 # ------------------------------------------------------------------------------------------ workdirs
 
-FORMATS = ('caffe', 'torchvision')
+FORMATS = ('caffe', 'torchvision', 'pytorch_resnet_cifar10')
 MEAN_IMAGE_FILE = 'mean_image.npy'  # in the workdir; config.json names it relative to the workdir
 
 
@@ -416,23 +597,42 @@ def _existing_file(path, what):
   return os.path.expanduser(os.fspath(path))
 
 
+def cifar_config(depth):
+  """The checkout's configs/cifar10_<depth>.py when there is one (configs are not installed), else
+  the defaults with that depth."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(root, 'configs', f'cifar10_{depth}.py')
+  if os.path.isfile(path):
+    return defaults.load_file(path)
+  config = defaults.get_config()
+  config.name = f'cifar10_{depth}'
+  config.model.depth = depth
+  return config
+
+
 def convert(source, weights, depth, mean=None, config=None):
   """(config, variables, mean image or None) of released weights (a file path) of `source`.
 
-  The config is `config` (default: defaults.get_imagenet_config()) with the converter's model fields,
-  the name '<source>_resnet<depth>' and the source's preprocessing in data.*; a Caffe model's mean image
+  The config is `config` (default: defaults.get_imagenet_config(), or cifar_config(depth) for
+  pytorch_resnet_cifar10, whose depth comes from the weights) with the converter's model fields, the
+  name '<source>_resnet<depth>' and the source's preprocessing in data.*; a Caffe model's mean image
   (its .binaryproto, `mean`) is float32 [crop, crop, 3] RGB. Raises ConversionError.
   """
   if source not in FORMATS:
     raise ConversionError(f'Unknown weights format {source!r}: pass one of {", ".join(FORMATS)}.')
-  config = (config or defaults.get_imagenet_config()).copy_and_resolve_references()
   weights = _existing_file(weights, 'weights file')
+  if source != 'caffe' and mean is not None:
+    raise ConversionError(f'{source} models take no mean image: leave out the mean file.')
   mean_image = None
-  if source == 'torchvision':
-    if mean is not None:
-      raise ConversionError('torchvision models take no mean image: leave out the mean file.')
+  if source == 'pytorch_resnet_cifar10':
+    overrides, variables = from_pytorch_resnet_cifar10(load_state_dict(weights), depth)
+    depth = overrides['depth']
+    config = (config or cifar_config(depth)).copy_and_resolve_references()
+  elif source == 'torchvision':
+    config = (config or defaults.get_imagenet_config()).copy_and_resolve_references()
     overrides, variables = from_torchvision(load_state_dict(weights), depth)
   else:
+    config = (config or defaults.get_imagenet_config()).copy_and_resolve_references()
     if mean is None:
       raise ConversionError(
         'A Caffe model needs the mean image released with it: pass ResNet_mean.binaryproto.'

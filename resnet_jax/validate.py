@@ -31,16 +31,6 @@ def _check_preprocessing(data):
     all(s > 0 for s in data.channel_std),
     f'data.channel_std must be positive, got {tuple(data.channel_std)}.',
   )
-  fixed = data.mean_image_file or len(data.channel_mean) or len(data.channel_std)
-  _require(
-    not fixed or data_lib.streamed(data),
-    'data.channel_mean, channel_std and mean_image_file describe ImageNet input (a converted '
-    "model's): other data subtracts its training images' mean image, so leave them empty.",
-  )
-  _require(
-    data.input_scale == 1 / 255 or data_lib.streamed(data),
-    'data.input_scale applies to ImageNet input: other data divides by 255, so leave it at 1/255.',
-  )
 
 
 def check(config, device_count=None, process_count=1):

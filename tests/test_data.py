@@ -45,7 +45,11 @@ def _dataset(n=100, m=37, labels_are_indices=False, seed=0):
   )
 
 
-def _expected_train(ds, step, batch_size, seed):
+def _paper_input(ds, image):
+  return (image.astype(np.float32) - ds.mean_image) / 255
+
+
+def _expected_train(ds, step, batch_size, seed, normalize=_paper_input):
   """The paper's augmentation computed image by image with plain NumPy, from the documented draws."""
   n = len(ds.train_labels)
   spe = n // batch_size
@@ -59,7 +63,7 @@ def _expected_train(ds, step, batch_size, seed):
   )
   images = []
   for i, j in enumerate(index):
-    x = (ds.train_images[j].astype(np.float32) - ds.mean_image) / 255
+    x = normalize(ds, ds.train_images[j])
     padded = np.pad(x, ((4, 4), (4, 4), (0, 0)))
     crop = padded[dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
     images.append(crop[:, ::-1] if flip[i] else crop)
@@ -118,6 +122,50 @@ def test_mean_image_subtracted():
   np.testing.assert_allclose(batch['image'], expected, atol=1e-6)
   np.testing.assert_array_equal(batch['label'], ds.eval_labels)
   assert batch['mask'].sum() == 20
+
+
+TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_default_input_is_todays_bit_for_bit():
+  """The paper's (x - mean image) * float32(1/255), exactly as before the input fields existed."""
+  ds = _dataset()
+  before = lambda images: (images.astype(np.float32) - ds.mean_image) * np.float32(1 / 255)  # noqa: E731
+  np.testing.assert_array_equal(next(ds.eval_batches(37))['image'], before(ds.eval_images))
+  np.testing.assert_array_equal(ds.normalize(ds.train_images), before(ds.train_images))
+
+
+@pytest.mark.parametrize('source', ['synthetic', 'image_folder'])
+def test_a_converted_models_input_in_training_and_evaluation(source, tmp_path):
+  """ToTensor then Normalize (pytorch_resnet_cifar10's), no mean image: every batch, crops included."""
+  fields = dict(channel_mean=TORCH_MEAN, channel_std=TORCH_STD)
+  if source == 'image_folder':
+    write_image_folder(tmp_path / 'folder', per_class=(8, 4))
+    folder, cache = str(tmp_path / 'folder'), str(tmp_path / 'cache')
+    cfg = _config(source=source, image_folder=folder, cache_dir=cache, **fields)
+  else:
+    cfg = _config(source=source, train_limit=64, eval_limit=10, **fields)
+  ds = data.load(cfg, seed=0)
+  assert ds.mean_image.shape == (32, 32, 3) and not ds.mean_image.any()
+  torch_input = lambda image: (image / 255.0 - np.array(TORCH_MEAN)) / np.array(TORCH_STD)  # noqa: E731
+  batch = next(ds.eval_batches(len(ds.eval_labels)))
+  np.testing.assert_allclose(batch['image'], torch_input(ds.eval_images), rtol=0, atol=2e-6)
+  batch = in_memory.train_batch(ds, 1, 8, seed=2)
+  images, labels, *_ = _expected_train(ds, 1, 8, 2, lambda ds, image: torch_input(image))
+  np.testing.assert_allclose(batch['image'], images, rtol=0, atol=2e-6)
+  np.testing.assert_array_equal(batch['label'], labels)
+
+
+def test_a_fixed_mean_image_and_scale(tmp_path):
+  """mean_image_file and input_scale as Caffe's: (x - the file's mean) * 1, no training mean."""
+  mean = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype(np.float32)
+  np.save(tmp_path / 'mean.npy', mean)
+  cfg = _config(source='synthetic', train_limit=16, eval_limit=4, input_scale=1.0)
+  cfg.mean_image_file = str(tmp_path / 'mean.npy')
+  ds = data.load(cfg, seed=0)
+  np.testing.assert_array_equal(ds.mean_image, mean)
+  batch = next(ds.eval_batches(4))
+  np.testing.assert_allclose(batch['image'], ds.eval_images - mean.astype(np.float64), atol=1e-4)
 
 
 def test_epochs_cover_each_index_once_and_differ():

@@ -57,6 +57,24 @@ def test_equals_the_host_path_across_an_epoch_boundary():
   ).mean() > 0.05  # the zero padding does show, so the crops were exercised
 
 
+@pytest.mark.parametrize('input_scale', [1 / 255, 1.0])
+def test_a_converted_models_input_equals_the_host_path(input_scale):
+  """ToTensor + Normalize's fields (and a scale of 1) on the device as on the host."""
+  import dataclasses
+
+  ds = dataclasses.replace(
+    dataset(64),
+    mean_image=np.zeros((32, 32, 3), np.float32),
+    input_scale=input_scale,
+    channel_mean=(0.485, 0.456, 0.406),
+    channel_std=(0.229, 0.224, 0.225),
+  )
+  out = device_batches(ds, on_device.step_arrays(64, 0, 2, 16, SEED), parallel.make_mesh())
+  for j in range(2):
+    host = in_memory.train_batch(ds, j, 16, SEED)
+    np.testing.assert_allclose(out['image'][j], host['image'], rtol=1e-6, atol=1e-6)
+
+
 def test_process_shares_equal_the_host_path():
   """Two processes' step_arrays, side by side, are one process's; each part equals its process's batch."""
   ds, batch_size, first, k = dataset(100), 16, 5, 3

@@ -3,6 +3,8 @@
 import ast
 import hashlib
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -131,3 +133,31 @@ def test_convert_layout_round_trips():
   assert set(stacked['params']) == {'stage1_block1', 'stage1_block2to2'}
   back = models.convert_layout(stacked, scan_blocks=False)
   jax.tree.map(np.testing.assert_array_equal, back, tree)
+
+
+def _extras():
+  setup = ast.parse((REPO / 'setup.py').read_text())
+  call = next(
+    n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, 'attr', '') == 'setup'
+  )
+  keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+  return keywords['install_requires'], keywords['extras_require']
+
+
+def test_torch_is_an_extra_pinned_as_a_pair():
+  """pip install -e '.[torch]' converts PyTorch files; the base install has no torch."""
+  requires, extras = _extras()
+  assert not any(r.startswith(('torch', 'torchvision')) for r in requires)
+  pair = ['torch==2.14.1', 'torchvision==0.29.1']
+  assert extras['torch'] == pair and set(pair) <= set(extras['test']) and 'bench' not in extras
+
+
+def test_importing_the_tools_imports_no_torch():
+  """The base install has no torch: every command imports without it."""
+  code = (
+    'import sys; sys.modules["torch"] = None; sys.modules["torchvision"] = None\n'
+    'from resnet_jax import convert, evaluate, main, predict, pretrained, registry, summary, train\n'
+    'from resnet_jax import data, finetune, diagram, bn_stats\n'
+  )
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]

@@ -1,8 +1,10 @@
 """Datasets held in host memory as uint8 arrays: CIFAR-10 (tfds), an image folder or archive, synthetic data.
 
 Paper section 4.2: subtract the per-pixel mean, pad 4 pixels with zeros, take a random 32x32 crop and
-flip half the images; evaluate on the single original view. TensorFlow is imported only by the tfds
-loader; an image folder is decoded once with PIL and cached.
+flip half the images; evaluate on the single original view. A converted model's config fixes its
+framework's input instead (data.input_scale, channel_mean, channel_std, mean_image_file, as ImageNet's
+`imagenet.normalize`): then no mean image is computed. TensorFlow is imported only by the tfds loader;
+an image folder is decoded once with PIL and cached.
 """
 
 import concurrent.futures
@@ -19,9 +21,22 @@ import zlib
 
 import numpy as np
 
-from resnet_jax.data import common
+from resnet_jax.data import common, imagenet
 from resnet_jax.data.common import DataError
 
+# tfds' label order, which is also the sorted folder names of an image folder of CIFAR-10.
+CIFAR10_CLASSES = (
+  'airplane',
+  'automobile',
+  'bird',
+  'cat',
+  'deer',
+  'dog',
+  'frog',
+  'horse',
+  'ship',
+  'truck',
+)
 PAD = 4  # pixels of zero padding on each side; crop offsets are drawn from [0, 2 * PAD]
 # Pixels are scaled by multiplying with this constant, not dividing by 255: XLA rewrites a division by a
 # constant into this multiplication, so the host and the on-device paths agree bit for bit.
@@ -37,9 +52,15 @@ class Dataset:
   train_labels: np.ndarray  # int32 [N]
   eval_images: np.ndarray  # uint8 [M, H, W, 3]
   eval_labels: np.ndarray  # int32 [M]
-  mean_image: np.ndarray  # float32 [H, W, 3], per-pixel mean of train_images, in 0..255 units
+  mean_image: (
+    np.ndarray
+  )  # float32 [H, W, 3], per-pixel mean of train_images (or the config's), 0..255
   num_classes: int
   eval_split: str  # 'test', or 'val' when data.val_split > 0
+  # The config's input (data.*): x = (pixels - mean image) * input_scale, then (x - mean) / std.
+  input_scale: float = 1 / 255
+  channel_mean: tuple = ()  # () = none
+  channel_std: tuple = ()  # () = 1
   eval_modes = ('1crop',)  # the single original view
 
   @property
@@ -58,9 +79,15 @@ class Dataset:
     for index in common.eval_indices(len(self.eval_labels), batch_size, share):
       real = index >= 0
       images = np.zeros((len(index), *self.eval_images.shape[1:]), np.float32)
-      images[real] = preprocess_eval(self.eval_images[index[real]], self.mean_image)
+      images[real] = self.normalize(self.eval_images[index[real]])
       labels = np.where(real, self.eval_labels[np.maximum(index, 0)], 0).astype(np.int32)
       yield {'image': images, 'label': labels, 'mask': real.astype(np.float32)}
+
+  def normalize(self, images_uint8):
+    """The network input of uint8 images, as the config says (the paper: (x - mean image) / 255)."""
+    return preprocess_eval(
+      images_uint8, self.mean_image, self.input_scale, self.channel_mean, self.channel_std
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +162,21 @@ def load(data_config, seed: int) -> Dataset:
   if 0 < data_config.eval_limit < len(el):
     keep = common.seeded_subset(len(el), data_config.eval_limit, seed, 54322)
     ei, el = ei[keep], el[keep]
-  mean = ti.mean(axis=0, dtype=np.float64).astype(np.float32)
-  return Dataset(ti, tl.astype(np.int32), ei, el.astype(np.int32), mean, num_classes, eval_split)
+  mean = imagenet.fixed_mean_image(data_config)  # a converted model's, else None
+  if mean is None:
+    mean = ti.mean(axis=0, dtype=np.float64).astype(np.float32)
+  return Dataset(
+    ti,
+    tl.astype(np.int32),
+    ei,
+    el.astype(np.int32),
+    mean,
+    num_classes,
+    eval_split,
+    float(data_config.input_scale),
+    tuple(data_config.channel_mean),
+    tuple(data_config.channel_std),
+  )
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -362,9 +402,23 @@ def augmentation(seed: int, step: int, batch_size: int):
   return dy, dx, rng.random(batch_size) < 0.5
 
 
-def preprocess_eval(images_uint8: np.ndarray, mean_image: np.ndarray) -> np.ndarray:
-  """The single original view: (x - mean) / 255, float32."""
-  return (images_uint8.astype(np.float32) - np.asarray(mean_image, np.float32)) * INV_255
+def preprocess_eval(
+  images_uint8: np.ndarray,
+  mean_image: np.ndarray,
+  input_scale=1 / 255,
+  channel_mean=(),
+  channel_std=(),
+) -> np.ndarray:
+  """The single original view, float32: (x - mean image) * input_scale, then (x - channel_mean) /
+  channel_std where they are set. The defaults are the paper's (x - mean) / 255, bit for bit."""
+  x = (images_uint8.astype(np.float32) - np.asarray(mean_image, np.float32)) * np.float32(
+    input_scale
+  )
+  if len(channel_mean):
+    x = x - np.asarray(channel_mean, np.float32)
+  if len(channel_std):
+    x = x / np.asarray(channel_std, np.float32)
+  return x
 
 
 def _pad_crop_flip(x: np.ndarray, dy, dx, flip) -> np.ndarray:
@@ -388,5 +442,5 @@ def train_batch(
   share = common.process_share(batch_size, process_index, process_count, 'train.batch_size')
   index = common.step_indices(ds.num_train, step, batch_size, seed, share)
   dy, dx, flip = (a[share] for a in augmentation(seed, step, batch_size))
-  images = _pad_crop_flip(preprocess_eval(ds.train_images[index], ds.mean_image), dy, dx, flip)
+  images = _pad_crop_flip(ds.normalize(ds.train_images[index]), dy, dx, flip)
   return {'image': images, 'label': ds.train_labels[index].astype(np.int32)}

@@ -23,12 +23,19 @@ from resnet_jax.data import common, in_memory
 
 
 def put(ds: in_memory.Dataset, mesh) -> dict:
-  """The training images (uint8), labels and mean image, replicated on every device of the mesh."""
+  """The training images (uint8), labels, mean image and the config's other input fields where they
+  differ from the paper's, replicated on every device of the mesh."""
   arrays = {
     'images': np.asarray(ds.train_images, np.uint8),
     'labels': np.asarray(ds.train_labels, np.int32),
     'mean': np.asarray(ds.mean_image, np.float32),
   }
+  if np.float32(ds.input_scale) != in_memory.INV_255:
+    arrays['scale'] = np.float32(ds.input_scale)
+  if len(ds.channel_mean):
+    arrays['channel_mean'] = np.asarray(ds.channel_mean, np.float32)
+  if len(ds.channel_std):
+    arrays['channel_std'] = np.asarray(ds.channel_std, np.float32)
   sharding = parallel.replicated(
     mesh
   )  # every process holds the whole dataset, as for the host path
@@ -79,7 +86,12 @@ def batch(data: dict, x: dict) -> dict:
   """One step's batch on this device, equal to in_memory.train_batch's bit for bit: the same float32
   operations in the same order (normalize, then zero padding, crop and flip)."""
   pad = in_memory.PAD
-  images = (data['images'][x['index']].astype(jnp.float32) - data['mean']) * in_memory.INV_255
+  scale = data.get('scale', in_memory.INV_255)
+  images = (data['images'][x['index']].astype(jnp.float32) - data['mean']) * scale
+  if 'channel_mean' in data:
+    images = images - data['channel_mean']
+  if 'channel_std' in data:
+    images = images / data['channel_std']
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   crops = jax.vmap(_crop)(padded, x['dy'], x['dx'])
   crops = jnp.where(
