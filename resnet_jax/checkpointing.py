@@ -203,16 +203,22 @@ def _move_aside(mngr, step):
 
 
 def restore_or_init(workdir, keep, state, mesh):
-  """(manager, state): the newest readable checkpoint of `workdir`, else `state` placed on the mesh."""
+  """(manager, state): the newest readable checkpoint of `workdir`, else `state` placed on the mesh.
+
+  `state` may be a function that makes it: then only its shapes are traced, and its values are computed
+  only when there is no checkpoint to restore (a restored run never pays for a random init).
+  """
   parallel.sync_processes('restore_or_init')  # device_put of a global array is a collective
   replicated = parallel.replicated(mesh)
-  state = jax.device_put(state, replicated)
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  make = state if callable(state) else lambda: state
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(make)
+  )
   while True:
     mngr = manager(workdir, keep)
     step = mngr.latest_step()
     if step is None:
-      return mngr, state
+      return mngr, jax.device_put(make(), replicated)
     try:
       saved_target, scan_blocks = _restore_target(mngr, step, target, workdir)
       if saved_target is not None:
