@@ -502,6 +502,7 @@ def _metrics(workdir):
 
 
 def _pil_worker_init(images):
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate's signal ends a worker quietly
   global _IMAGES
   _IMAGES = images
 
@@ -675,17 +676,19 @@ def run_stage(stage, args, budget, work):
   start = time.time()
   with open(log, 'w') as f:
     child = subprocess.Popen(
-      command, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+      command, stdout=f, stderr=subprocess.STDOUT, env=env
+    )  # in this command's process group: whatever stops the command stops the stage too
     try:
       rc = child.wait(timeout=budget + (GRACE_S if stage == 'train' else 5))
       status = 'ok' if rc == 0 else f'failed (exit {rc})'
+      if rc == 0 and _ran_out(path):
+        status = 'out of time: stopped itself before its budget, partial'
     except subprocess.TimeoutExpired:
-      os.killpg(child.pid, signal.SIGTERM)
+      child.terminate()  # the stage's handler stops what it started (OutOfTime)
       try:
         child.wait(timeout=10)
       except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
+        child.kill()
         child.wait()
       status = 'out of time: stopped at its budget'
   try:
@@ -700,6 +703,14 @@ def run_stage(stage, args, budget, work):
   result.update(status=status, budget_s=budget, seconds=time.time() - start)
   print(f'[{stage}] {status} in {result["seconds"]:.0f} s of {budget} s', flush=True)
   return result, tail
+
+
+def _ran_out(path):
+  try:
+    with open(path) as f:
+      return any(n.startswith('out of time') for n in json.load(f)['notes'])
+  except (OSError, ValueError, KeyError):
+    return False
 
 
 def markdown(reports, command):
@@ -931,6 +942,9 @@ def _dry_run_sizes(args, argv):
 def _child(args):
   """One stage in this process, its report written as it goes."""
   report = Report(args._report, args._stage)
+  # SIGTERM at the budget raises, so that a measuring process this stage started is killed with it
+  # (subprocess.run kills its child on an exception); the training loop installs its own handler.
+  signal.signal(signal.SIGTERM, _out_of_time)
   deadline = args._deadline
   stage = args._stage
   if stage == 'env':
