@@ -14,6 +14,7 @@ and the recomputed state under bn_recomputed/<step>/.
 
 import json
 import os
+from typing import Iterator
 
 import flax
 import jax
@@ -25,7 +26,12 @@ from resnet_jax import checkpointing, cli, data, evaluate, models, parallel
 
 
 def recompute(model, params, batch_stats, batches, mesh):
-  """New batch_stats from exact moments over `batches` (global arrays on `mesh`); `model` has bn_axis_name."""
+  """New batch_stats from exact moments over `batches` (global arrays on `mesh`, any iterable: read one at
+  a time); `model` has bn_axis_name.
+
+  The moments are summed on the devices as the batches arrive, and at most one batch's pass is left in
+  flight, so memory stays that of a few batches however many there are.
+  """
 
   def moments(variables, images):
     _, state = model.apply(variables, images, train=True, mutable=['batch_stats', 'bn_moments'])
@@ -34,9 +40,14 @@ def recompute(model, params, batch_stats, batches, mesh):
   fn = parallel.map_step(moments, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P())
   total, count = None, 0
   for batch in batches:
+    previous = total
     m = fn({'params': params, 'batch_stats': batch_stats}, batch['image'])
     total = m if total is None else jax.tree.map(lambda a, b: a + b, total, m)
     count += 1
+    # Asynchronous dispatch would otherwise queue every batch's pass, each holding its images.
+    jax.block_until_ready(previous)
+  if total is None:
+    raise ValueError('the exact BN statistics need at least one batch; pass more images.')
   flat = flax.traverse_util.flatten_dict(jax.device_get(total))
   new = {}
   for path, ((mean_sum, sq_sum),) in flat.items():  # path = (..module path.., 'moments')
@@ -48,13 +59,23 @@ def recompute(model, params, batch_stats, batches, mesh):
   return jax.device_put(flax.traverse_util.unflatten_dict(new), parallel.replicated(mesh))
 
 
-def training_batches(ds, config, num_images):
-  """num_images // batch training images with the training transform, drawn apart from the training order."""
+def training_batches(ds, config, num_images) -> Iterator[dict]:
+  """num_images // batch training images with the training transform, drawn apart from the training order,
+  made one batch at a time as they are read (never all at once: 10,000 ImageNet crops are 6 GB)."""
   batch = config.train.batch_size
   if num_images < batch:
     raise ValueError(f'bn_stats_images={num_images} is smaller than one global batch ({batch}).')
   gen = ds.train_batches(0, batch, config.seed + 1, jax.process_index(), jax.process_count())
-  return [next(gen) for _ in range(num_images // batch)]
+  return _first(gen, num_images // batch)
+
+
+def _first(gen, n):
+  """The first n items of `gen`, which is closed after them (a tf.data pipeline stops reading ahead)."""
+  try:
+    for _ in range(n):
+      yield next(gen)
+  finally:
+    gen.close()
 
 
 def _errors(scores, labels) -> dict:

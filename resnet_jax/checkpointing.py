@@ -355,13 +355,18 @@ def restore_or_init(workdir, keep, state, mesh, fresh_start=False):
 
   Raises CheckpointUnreadable (nothing moved) when a checkpoint cannot be read without evidence of
   damage, and NoUsableCheckpoint when checkpoints existed and all were damaged, unless `fresh_start`.
+  `state` may be a function that makes it: then only its shapes are traced, and its values are computed
+  only when there is no checkpoint to restore (a restored run never pays for a random init).
   """
   parallel.sync_processes('restore_or_init')  # device_put of a global array is a collective
   replicated = parallel.replicated(mesh)
-  state = jax.device_put(state, replicated)
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  make = state if callable(state) else lambda: state
+  shapes = jax.eval_shape(make)
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
+  )
   state_fields = (
-    [f.name for f in dataclasses.fields(state)] if dataclasses.is_dataclass(state) else None
+    [f.name for f in dataclasses.fields(shapes)] if dataclasses.is_dataclass(shapes) else None
   )
   moved = []
   while True:
@@ -378,7 +383,7 @@ def restore_or_init(workdir, keep, state, mesh, fresh_start=False):
           f'({", ".join(earlier)}); restore a good copy into {mngr.directory} and rerun, or start '
           'again from step 0 on purpose with --fresh_start (the damaged ones stay where they are).'
         )
-      return mngr, state
+      return mngr, jax.device_put(make(), replicated)
     step = int(step)
     host, scan_blocks, failure = _try_restore(mngr, step, target, workdir)
     outcomes = parallel.from_all_processes('restore-outcome', failure)

@@ -50,11 +50,30 @@ def _host(x):
   )
 
 
-def _scores(fn, variables, batches, mesh, prefetch):
-  """The scores of the real (mask 1) images, in order."""
-  out = []
+CHUNK_ROWS = 16_384  # scores held on the devices between copies to the host (64 MB at 1000 classes)
+
+
+def scores_in_chunks(fn, variables, batches, mesh, prefetch, chunk_rows=CHUNK_ROWS):
+  """The scores of the real (mask 1) images, in order.
+
+  Scores and masks stay on the devices and are copied (and, over several processes, gathered) once per
+  `chunk_rows` rows: one transfer instead of one per batch.
+  """
+  out, scores, masks = [], [], []
+
+  def flush():
+    if scores:
+      kept = _host(jnp.concatenate(scores))[_host(jnp.concatenate(masks)) > 0]
+      out.append(kept)
+      scores.clear()
+      masks.clear()
+
   for batch in parallel.prefetch(batches, mesh, prefetch):
-    out.append(_host(fn(variables, batch['image']))[_host(batch['mask']) > 0])
+    scores.append(fn(variables, batch['image']))
+    masks.append(batch['mask'])
+    if sum(len(s) for s in scores) >= chunk_rows:
+      flush()
+  flush()
   return np.concatenate(out)
 
 
@@ -86,7 +105,9 @@ def evaluate_scores(mode, model, variables, ds, config, mesh):
   if mode == '10crop':
     images = _per_batch(images, 10, size * size, mesh.size)
   batches = ds.eval_batches(images, process_index, process_count, mode)
-  return _scores(scores_fn(model, mesh, False), variables, batches, mesh, prefetch), ds.eval_labels
+  return scores_in_chunks(
+    scores_fn(model, mesh, False), variables, batches, mesh, prefetch
+  ), ds.eval_labels
 
 
 def _multiscale_scores(model, variables, ds, config, mesh):
@@ -104,7 +125,7 @@ def _multiscale_scores(model, variables, ds, config, mesh):
       view = lambda tf, d, h=h, w=w: imagenet.scale_view(tf, d, h, w, config.data, channel_mean)  # noqa: E731
       per_batch = _per_batch(config.train.eval_batch_size, 2, h * w, mesh.size)
       batches = ds.view_batches(view, (h, w, 3), per_batch, process_index, process_count, index)
-      total[index] += _scores(fn, variables, batches, mesh, config.data.prefetch)
+      total[index] += scores_in_chunks(fn, variables, batches, mesh, config.data.prefetch)
   return total / len(config.data.eval_scales)
 
 

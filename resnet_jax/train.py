@@ -6,6 +6,7 @@ global batch) and the loss is pmean'd: gradients of replicated params then come 
 A further pmean of the gradients would be a no-op at best; a psum would scale them by the device count.
 """
 
+import functools
 import itertools
 import json
 import os
@@ -76,10 +77,15 @@ EvalMetrics = TrainMetrics  # the same quantities; evaluation weights them by th
 
 def create_train_state(config, model, tx, rng, variables=None) -> TrainState:
   """The state at step 0: `variables` ({'params', 'batch_stats'}, e.g. converted weights) or, by
-  default, the network initialised from `rng`."""
+  default, the network initialised from `rng`.
+
+  The init is compiled: run eagerly it dispatches every layer's forward operations one by one, which only
+  the shapes need (under jit they are dead code).
+  """
   if variables is None:
     size = config.data.image_size
-    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(rng, jnp.zeros((1, size, size, 3), jnp.float32))
   params = variables['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -402,7 +408,7 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
   is_main = jax.process_index() == 0
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   tx = optim.create(config.optimizer, freeze_bn=config.model.get('freeze_bn', False))
-  initial = create_train_state(config, model, tx, jax.random.key(config.seed), variables)
+  initial = lambda: create_train_state(config, model, tx, jax.random.key(config.seed), variables)
   manager, state = checkpointing.restore_or_init(
     workdir, config.train.keep_checkpoints, initial, mesh, fresh_start
   )

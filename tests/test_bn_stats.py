@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
-from helpers import small_run
+from helpers import random_variables, small_run
 
-from resnet_jax import bn_stats, models, parallel, train
+from resnet_jax import bn_stats, data, models, parallel, train
 
 
 class TinyNet(nn.Module):
@@ -51,6 +51,56 @@ def test_recomputed_statistics_equal_numpy():
     every = np.concatenate(feats).reshape(-1, feats[0].shape[-1])  # all 3 x 8 images' features
     np.testing.assert_allclose(stats[name]['mean'], every.mean(axis=0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(stats[name]['var'], every.var(axis=0), rtol=1e-4, atol=1e-5)
+
+
+class CountingDataset:
+  """A dataset whose training batches are counted as they are made."""
+
+  def __init__(self, ds):
+    self.ds, self.made = ds, 0
+
+  def train_batches(self, *args):
+    for batch in self.ds.train_batches(*args):
+      self.made += 1
+      yield batch
+
+
+def test_streamed_batches_give_the_statistics_of_the_whole_list():
+  """The batches are made one at a time as the pass reads them, and the statistics are bit for bit those
+  of the previous path, which made the whole list of batches first."""
+  config = small_run(train__batch_size=16)
+  ds = data.load(config.data, config.seed)
+  model = models.create(config.model, bn_axis_name=parallel.AXIS)
+  size = config.data.image_size
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32), train=False)
+  )
+  variables = random_variables(shapes)
+  mesh = parallel.make_mesh(jax.devices()[:4])
+
+  gen = ds.train_batches(0, 16, config.seed + 1)  # the previous training_batches: a list
+  listed = [parallel.to_global(next(gen), mesh) for _ in range(5)]
+  expected = bn_stats.recompute(model, variables['params'], variables['batch_stats'], listed, mesh)
+
+  counting = CountingDataset(ds)
+  batches = bn_stats.training_batches(counting, config, num_images=5 * 16 + 7)
+  assert counting.made == 0  # nothing is made before the pass reads it
+  first = next(batches)
+  assert counting.made == 1
+  rest = list(batches)
+  assert counting.made == 5 and len(rest) == 4
+  np.testing.assert_array_equal(first['image'], jax.device_get(listed[0])['image'])
+  streamed = bn_stats.recompute(
+    model,
+    variables['params'],
+    variables['batch_stats'],
+    parallel.prefetch(bn_stats.training_batches(ds, config, 5 * 16), mesh),
+    mesh,
+  )
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(expected)), jax.tree.leaves(jax.device_get(streamed))
+  ):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow

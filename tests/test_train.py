@@ -263,3 +263,31 @@ def test_bn_groups_of_the_global_batch_equal_sync_bn():
   np.testing.assert_allclose(y_group, y_sync, atol=1e-5)
   for a, b in zip(jax.tree.leaves(s_group), jax.tree.leaves(s_sync)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_restored_state_is_never_initialised(tmp_path):
+  """restore_or_init given a function traces only its shapes when a checkpoint is restored, and calls it
+  for values only when there is none."""
+  from resnet_jax import checkpointing
+
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  concrete_calls = []
+
+  def make(value=1.0):
+    x = jnp.full((3,), value) * 2
+    concrete_calls.append(not isinstance(x, jax.core.Tracer))
+    return {'w': x, 'step': jnp.zeros((), jnp.int32)}
+
+  mngr, state = checkpointing.restore_or_init(tmp_path, 1, make, mesh)  # nothing to restore
+  assert sum(concrete_calls) == 1
+  np.testing.assert_array_equal(state['w'], [2.0, 2.0, 2.0])
+  checkpointing.save(mngr, {'w': state['w'] + 5, 'step': state['step'] + 7}, 7)
+  checkpointing.wait_until_saved(mngr, state)
+  mngr.close()
+
+  concrete_calls.clear()
+  mngr, restored = checkpointing.restore_or_init(tmp_path, 1, make, mesh)
+  mngr.close()
+  assert not any(concrete_calls)  # at most traced for the shapes, never run
+  np.testing.assert_array_equal(restored['w'], [7.0, 7.0, 7.0])
+  assert int(restored['step']) == 7

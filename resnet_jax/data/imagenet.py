@@ -438,23 +438,33 @@ def bucket_shape(h: int, w: int, scale: int) -> tuple[int, int]:
 
 def _pipeline(split, items, view, shape, local_batch, threads):
   """tf.data over `items` = [(example index or -1 for padding, seed pair)], in order, `local_batch` at a time;
-  yields {'image', 'label', 'mask'} numpy batches."""
+  yields {'image', 'label', 'mask'} numpy batches.
+
+  The generator hands tf.data a batch of items per call, unbatched inside tf.data: a call into Python per
+  example would hold the parallel map back.
+  """
   tf = _tf()
 
   def generate():
-    for i, seed in items:
-      data, label = split.get(i) if i >= 0 else (b'', 0)
-      yield data, label, np.asarray(seed, np.int64), i >= 0
+    items_left = iter(items)
+    while chunk := list(itertools.islice(items_left, local_batch)):
+      records = [split.get(i) if i >= 0 else (b'', 0) for i, _ in chunk]
+      yield (
+        np.array([data for data, _ in records], object),
+        np.array([label for _, label in records], np.int32),
+        np.array([seed for _, seed in chunk], np.int64).reshape(-1, 2),
+        np.array([i >= 0 for i, _ in chunk]),
+      )
 
   ds = tf.data.Dataset.from_generator(
     generate,
     output_signature=(
-      tf.TensorSpec([], tf.string),
-      tf.TensorSpec([], tf.int32),
-      tf.TensorSpec([2], tf.int64),
-      tf.TensorSpec([], tf.bool),
+      tf.TensorSpec([None], tf.string),
+      tf.TensorSpec([None], tf.int32),
+      tf.TensorSpec([None, 2], tf.int64),
+      tf.TensorSpec([None], tf.bool),
     ),
-  )
+  ).unbatch()
 
   def fn(data, label, seed, valid):
     def real():
