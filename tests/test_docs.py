@@ -33,6 +33,7 @@ DOCS = [
 # Programs the blocks run that this test does not check, and why.
 EXTERNAL = {
   'cd': 'the shell',
+  'export': 'the shell',
   'pip': "pip's own options",
   'ruff': "ruff's own options",
   'tfds': "tensorflow-datasets' own command",
@@ -41,6 +42,8 @@ EXTERNAL = {
   'gcloud': "Google Cloud's command: the command in its --command= is checked",
 }
 EXTERNAL_PYTHON_MODULES = {'venv', 'pytest', 'pip'}
+# Variables a block may use without setting them: the shell's, and the device tool's output folder.
+ENVIRONMENT = {'PWD', 'HOME', 'OUT'}
 
 # Run in a fresh interpreter: each tool executed as __main__ until it hands its main to cli.run, which
 # reports the flags defined by then; the tool's own flags are removed before the next tool defines its own.
@@ -132,6 +135,7 @@ def expand(command, variables):
   """The command for each combination of the values of the variables it uses; a variable alone is split
   into words, as the shell does."""
   used = sorted({name for token in command for name in re.findall(r'\$\{?(\w+)', token)})
+  variables = {**{name: [name] for name in ENVIRONMENT}, **variables}
   for name in used:
     assert name in variables, f'${name} is never set in the block'
   expansions = []

@@ -114,27 +114,43 @@ def test_the_heartbeat_is_refreshed_while_held(tmp_path):
 @pytest.mark.filterwarnings('ignore:os.fork')  # the children run only this module's plain Python
 @pytest.mark.parametrize('stale', [False, True], ids=['free', 'stale'])
 def test_of_many_starting_at_once_exactly_one_wins(tmp_path, stale):
-  """Forked processes race for a free workdir, or to take over the same stale lock."""
+  """Forked processes race for a free workdir, or to take over the same stale lock.
+
+  Pipes, not sleeps, order them: all start when the parent writes `go`, and a winner holds the lock
+  until every other child has tried and exited (a winner that let go early would make the lock stale
+  and fairly taken over, whatever the machine's load)."""
   if stale:
     write_lock(tmp_path, pid=dead_pid())
-  start = time.time() + 0.5
+  go_read, go_write = os.pipe()
+  done_read, done_write = os.pipe()
   children = []
   for _ in range(8):
     pid = os.fork()
     if pid == 0:  # the child: no pytest, no cleanup; the exit code tells whether it won
       code = 3
       try:
-        time.sleep(max(0.0, start - time.time()))
+        os.read(go_read, 1)
         workdir_lock.acquire(tmp_path, 600)
         code = 0
-        time.sleep(1.0)  # hold it while the others look
+        os.read(done_read, 1)  # hold it while the others look
       except workdir_lock.WorkdirLocked:
         code = 1
       finally:
         os._exit(code)
     children.append(pid)
-  codes = sorted(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children)
-  assert codes == [0] + [1] * 7
+  os.write(go_write, b'g' * len(children))
+  codes = {}
+  deadline = time.time() + 120  # a limit, not a synchronisation: past it the assertion below fails
+  while len(codes) < len(children) - 1 and time.time() < deadline:
+    for pid in set(children) - set(codes):
+      done, status = os.waitpid(pid, os.WNOHANG)
+      if done:
+        codes[pid] = os.waitstatus_to_exitcode(status)
+    time.sleep(0.01)
+  os.write(done_write, b'd' * len(children))
+  for pid in set(children) - set(codes):
+    codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+  assert sorted(codes.values()) == [0] + [1] * 7
   assert sorted(os.listdir(tmp_path)) == ['lock.json']  # the winner's; no private files left
 
 
