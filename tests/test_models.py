@@ -57,12 +57,41 @@ def test_imagenet_parameter_counts_option_b(depth, expected):
   )
 
 
-@pytest.mark.parametrize(
-  'depth,gmacs', [(18, 1.814), (34, 3.664), (50, 3.858), (101, 7.570), (152, 11.282)]
-)
-def test_imagenet_macs_within_one_percent(depth, gmacs):
+def analytic_macs(depth, classes=1000):
+  """Multiply-adds of ImageNet ResNet v1 (option B) at 224 px, from Table 1's layer list: every conv
+  (the bottleneck's stride on its first 1x1, as the paper) and the fc; no BN, ReLU or pooling."""
+  stages = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
+  stages[152] = [3, 8, 36, 3]
+  bottleneck = depth >= 50
+  macs = 7 * 7 * 3 * 64 * 112 * 112  # conv1, 7x7/2
+  channels, size = 64, 56  # after the 3x3/2 max pool
+  for i, blocks in enumerate(stages[depth]):
+    width = 64 * 2**i
+    out_channels = 4 * width if bottleneck else width
+    for j in range(blocks):
+      size //= 2 if i > 0 and j == 0 else 1
+      area = size * size
+      if bottleneck:
+        macs += (channels * width + 9 * width * width + width * out_channels) * area
+      else:
+        macs += (9 * channels * width + 9 * width * width) * area
+      if channels != out_channels:  # option B's projection
+        macs += channels * out_channels * area
+      channels = out_channels
+  return macs + channels * classes
+
+
+# Table 1's FLOPs row (the paper's multiply-adds, x 10^9), given to two significant figures.
+TABLE1_GFLOPS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}
+
+
+@pytest.mark.parametrize('depth', sorted(TABLE1_GFLOPS))
+def test_imagenet_macs_are_table1s(depth):
   _, _, macs = summary.count(model_config('imagenet', depth, shortcut='B'))
-  assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
+  assert macs == analytic_macs(depth)
+  assert (
+    abs(macs / 1e9 - TABLE1_GFLOPS[depth]) / TABLE1_GFLOPS[depth] < 0.02
+  )  # the paper's rounding
 
 
 def test_v1_5_moves_the_stride_and_costs_more():
