@@ -109,7 +109,7 @@ def _layout(depth):
     width = 64 * 2**i
     out_features = 4 * width if bottleneck else width
     for j in range(1, blocks + 1):
-      block = f'stage{i + 1}_block{j}'
+      block = models.block_name(i + 1, j)
       if bottleneck:
         convs = ((width, in_features, 1, 1), (width, width, 3, 3), (out_features, width, 1, 1))
       else:
@@ -205,8 +205,9 @@ def _check_unused(names, used, depth, inferred):
     )
 
 
-# torchvision.models.resnet: layer{i}.{j} is our stage{i}_block{j + 1}; downsample the projection.
-_TORCH_BLOCK = re.compile(r'layer(\d)\.(\d+)\.conv1\.weight')
+# torchvision.models.resnet and pytorch_resnet_cifar10: layer{i}.{j} is our stage{i}_block{j + 1};
+# torchvision's downsample is the projection.
+_PYTORCH_BLOCK = re.compile(r'layer(\d)\.(\d+)\.conv1\.weight')
 _TORCH_PARTS = {'proj_conv': 'downsample.0', 'proj_bn': 'downsample.1'}
 
 
@@ -215,7 +216,7 @@ def _torch_name(path):
     return 'conv1' if path[0] == 'stem_conv' else 'bn1'
   if path[0] == 'fc':
     return 'fc'
-  stage, block = re.fullmatch(r'stage(\d)_block(\d+)', path[0]).groups()
+  stage, block = models.parse_block(path[0])
   parts = [_TORCH_PARTS.get(part, part) for part in path[1:] if part != 'shortcut']
   return '.'.join([f'layer{stage}', str(int(block) - 1), *parts])
 
@@ -244,7 +245,7 @@ def from_torchvision(state_dict, depth):
     raise ConversionError(f'The state_dict has no conv1.weight: pass {where}.')
   blocks = {}
   for key in arrays:
-    m = _TORCH_BLOCK.fullmatch(key)
+    m = _PYTORCH_BLOCK.fullmatch(key)
     if m:
       blocks[int(m[1])] = blocks.get(int(m[1]), 0) + 1
   inferred = _depth_of([blocks.get(i, 0) for i in range(1, 5)], 'layer1.0.conv3.weight' in arrays)
@@ -302,7 +303,7 @@ def _caffe_names(depth, path):
     return 'conv1', 'bn_conv1', 'scale_conv1'
   if path[0] == 'fc':
     return 'fc1000', None, None
-  stage, block = map(int, re.fullmatch(r'stage(\d)_block(\d+)', path[0]).groups())
+  stage, block = models.parse_block(path[0])
   suffix = 'branch1' if path[1] == 'shortcut' else f'branch2{"abc"[int(path[1][-1]) - 1]}'
   name = f'{_caffe_block(depth, stage, block)}_{suffix}'
   return f'res{name}', f'bn{name}', f'scale{name}'
@@ -417,7 +418,6 @@ def mean_image_from_binaryproto(blob_proto):
 # sides of the subsampled input where ours pads at the end (Shortcut): the same function up to a
 # permutation of each stage's residual channels, which the conversion carries through.
 CIFAR_WIDTHS = (16, 32, 64)
-_CIFAR_BLOCK = re.compile(r'layer(\d)\.(\d+)\.conv1\.weight')
 
 
 def cifar_stream_orders():
@@ -441,7 +441,7 @@ def _cifar_layout(depth):
   in_features = CIFAR_WIDTHS[0]
   for i, width in enumerate(CIFAR_WIDTHS):
     for j in range(1, blocks + 1):
-      block = f'stage{i + 1}_block{j}'
+      block = models.block_name(i + 1, j)
       layers += [
         ((block, 'conv1'), 'conv', (width, in_features, 3, 3)),
         ((block, 'bn1'), 'bn', width),
@@ -459,7 +459,7 @@ def _cifar_orders(path, orders):
     return None, orders[0]
   if path[0] == 'fc':
     return orders[-1], None
-  stage, block = map(int, re.fullmatch(r'stage(\d)_block(\d+)', path[0]).groups())
+  stage, block = models.parse_block(path[0])
   if path[1] in ('conv1', 'bn1'):
     reads = orders[stage - 2] if block == 1 and stage > 1 else orders[stage - 1]
     return (reads if path[1] == 'conv1' else None), None
@@ -471,7 +471,7 @@ def _cifar_name(path):
     return 'conv1' if path[0] == 'stem_conv' else 'bn1'
   if path[0] == 'fc':
     return 'linear'
-  stage, block = re.fullmatch(r'stage(\d)_block(\d+)', path[0]).groups()
+  stage, block = models.parse_block(path[0])
   return f'layer{stage}.{int(block) - 1}.{path[1]}'
 
 
@@ -524,7 +524,7 @@ def from_pytorch_resnet_cifar10(state_dict, depth=None):
   _check_cifar_source(arrays)
   blocks = [0, 0, 0]
   for key in arrays:
-    m = _CIFAR_BLOCK.fullmatch(key)
+    m = _PYTORCH_BLOCK.fullmatch(key)
     if m and 1 <= int(m[1]) <= 3:
       blocks[int(m[1]) - 1] += 1
   if len(set(blocks)) != 1 or not blocks[0]:
