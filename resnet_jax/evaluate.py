@@ -6,7 +6,7 @@
 softmax scores averaged (the paper's comparisons, Tables 2-4). 'multiscale': the fully-convolutional form
 (Table 4's best results): the whole image at shorter sides data.eval_scales = {224, 256, 384, 480, 640} and
 its flip, scores averaged over scales and flips. Whole images vary in shape, so each is resized to the
-nearest of a few aspect ratios (imagenet_input.ASPECTS, at most ~7% stretch) and images of one shape are
+nearest of a few aspect ratios (imagenet_input.ASPECTS, at most ~7 percent stretch) and images of one shape are
 batched together: one compilation per (scale, shape). Top-1 and top-5 errors count every evaluation image
 exactly once (the last batch is padded and masked). It reads the newest complete checkpoint and changes
 nothing in the workdir but writing DIR/eval_<mode>.json; the config is the workdir's unless --config is given.

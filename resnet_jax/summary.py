@@ -2,7 +2,7 @@
 
 `walk` records every conv, dense and pooling layer and every block in network order by intercepting
 module calls under jax.eval_shape. MACs come from each kernel's and output's shapes: XLA's cost
-analysis skips the padded taps of a conv and comes out ~8% low against the paper's Table 1.
+analysis skips the padded taps of a conv and comes out ~8 percent low against the paper's Table 1.
 
   python -m resnet_jax.summary --config=configs/imagenet_resnet50.py [--json] [--diagram=fig.svg]
   python -m resnet_jax.summary --workdir=DIR   # a run's or a converted model's config.json

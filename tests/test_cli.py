@@ -3,6 +3,7 @@
 (Resuming, interruptions and bad input are tested in test_reliability.py.)
 """
 
+import ast
 import json
 import subprocess
 import sys
@@ -86,3 +87,20 @@ assert sys.modules['tensorflow'] is None
   assert 'TensorFlow is not importable' in result.stderr
   assert (tmp_path / 'metrics.jsonl').exists() and (tmp_path / 'results.json').exists()
   assert not (tmp_path / 'tensorboard').exists()
+
+
+def test_help_prints_the_docstring_as_written():
+  """absl %-formats a tool's docstring for --help: a literal % swallowed text and printed the
+  program's path mid-sentence."""
+  result = subprocess.run(
+    [sys.executable, '-m', 'resnet_jax.evaluate', '--help'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert 'at most ~7 percent stretch) and images' in result.stdout, result.stdout[:2000]
+  assert 'resnet_jax/evaluate.py' not in result.stdout.split('flags:')[0]
+  for path in sorted((REPO / 'resnet_jax').glob('*.py')):  # and no other tool has one
+    docstring = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ''
+    assert '%' not in docstring, f'{path.name}: write "percent" instead of %'
