@@ -9,6 +9,7 @@ Each tool defines its own flags with these helpers and runs `cli.run(main)`:
 Mistakes in the config file or its overrides end in one line on stderr and exit code 2, never a traceback.
 """
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -100,14 +101,18 @@ def parse_flags(argv):
   except Exception as e:  # noqa: BLE001  # config_flags raises many kinds
     unknown = _unknown_override(path, argv)
     if unknown:
+      name, closest = unknown
+      hint = f'did you mean --{closest}? ' if closest else ''
       fail(
-        f'{unknown} is not a field of the config {path}: see the fields in resnet_jax/defaults.py.'
+        f'--{name} is not a field of the config {path}: {hint}see the fields in '
+        'resnet_jax/defaults.py.'
       )
     fail(f'cannot load the config {path}: {type(e).__name__}: {str(e).splitlines()[0]}')
 
 
 def _unknown_override(path, argv):
-  """The first --config.a.b=... whose field does not exist in the config file, if any."""
+  """(name, the closest existing field or None) of the first --config.a.b=... whose field does not
+  exist in the config file, if any."""
   try:
     spec = importlib.util.spec_from_file_location('config_module', path)
     module = importlib.util.module_from_spec(spec)
@@ -121,8 +126,22 @@ def _unknown_override(path, argv):
       node = config
       for part in name.split('.')[1:]:
         if not hasattr(node, 'keys') or part not in node:
-          return f'--{name}'
+          return name, _closest_field(config, name)
         node = node[part]
+  return None
+
+
+def _closest_field(config, name):
+  """The field nearest to the mistyped `name` ('config.train.num_step'), or None: the wrong part is
+  compared with its siblings only, so a shared prefix suggests nothing."""
+  node, known = config, ['config']
+  for part in name.split('.')[1:]:
+    if not hasattr(node, 'keys'):
+      return None
+    if part not in node:
+      match = difflib.get_close_matches(part, list(node.keys()), n=1, cutoff=0.7)
+      return '.'.join([*known, match[0]]) if match else None
+    node, known = node[part], [*known, part]
   return None
 
 

@@ -444,6 +444,12 @@ BAD_INPUTS = [  # (id, flags, what the one line must say); {tmp} is the test's t
     '--config.train.epochs is not a field of the config',
   ),
   (
+    'misspelt field',
+    ['--config.train.num_step=3'],
+    '--config.train.num_step is not a field of the config configs/cifar10_20.py: did you mean '
+    '--config.train.num_steps?',
+  ),
+  (
     'unknown section',
     ['--config.trainer.lr=3'],
     '--config.trainer.lr is not a field of the config',
