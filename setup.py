@@ -28,6 +28,8 @@ setuptools.setup(
     'tensorflow-datasets>=4.9.10',
   ],
   extras_require={
+    # Running experiments/colab.ipynb outside Colab (a Jupyter kernel and the plots).
+    'notebook': ['ipykernel', 'matplotlib', 'nbclient', 'nbformat'],
     'test': [
       'ipykernel',
       'matplotlib',

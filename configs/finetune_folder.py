@@ -11,6 +11,8 @@ lr divided by 10 at 50% and 75% of them, the classifier's size from the folder c
 BN statistics as training leaves them (no exact recomputation), and the source's own BN in training mode
 unless model.freeze_bn. A converted model expects its framework's preprocessing: pass the data.* fields
 of the source's config.json (e.g. channel_mean and channel_std for torchvision) for the closest start.
+The network is ResNet-50's: for another source, set its model fields too (an 18-layer torchvision
+source: --config.model.depth=18); a mismatch stops before training and names the flags to add.
 """
 
 from resnet_jax import defaults

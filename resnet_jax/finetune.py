@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from resnet_jax import checkpointing, models
+from resnet_jax import checkpointing, defaults, models
 from resnet_jax.validate import ConfigError
 
 HEAD = 'fc'  # the classifier's module: the only one that may differ from the source
@@ -28,7 +28,24 @@ def _describe(shape):
   return 'absent' if shape is None else str(shape)
 
 
-def check_fits(source, wanted, init_from) -> bool:
+_ARCHITECTURE = ('family', 'depth', 'residual', 'shortcut', 'stride_on_3x3')
+
+
+def _model_flags(init_from, model_config) -> str:
+  """' (--config.model.depth=18 ...)': the source's architecture fields where this config differs."""
+  if model_config is None:
+    return ''
+  try:
+    theirs = defaults.from_workdir(init_from).model
+  except (OSError, ValueError):
+    return ''
+  flags = [
+    f'--config.model.{k}={theirs[k]}' for k in _ARCHITECTURE if theirs.get(k) != model_config.get(k)
+  ]
+  return f' ({" ".join(flags)})' if flags else ''
+
+
+def check_fits(source, wanted, init_from, model_config=None) -> bool:
   """Whether the source's classifier is kept; raises ConfigError naming the first layer (other than the
   classifier) whose name or shape differs. Both are {'params', 'batch_stats'} trees (or their shapes)."""
   theirs, ours = _shapes(source), _shapes(wanted)
@@ -41,7 +58,7 @@ def check_fits(source, wanted, init_from) -> bool:
     raise ConfigError(
       f'init_from={init_from} holds another network than this config (first difference at {name}: '
       f'{_describe(theirs.get(name))} there, {_describe(ours.get(name))} here), so set the model '
-      f'fields as in its config.json.'
+      f'fields as in its config.json{_model_flags(init_from, model_config)}.'
     )
   head = lambda shapes: {k: v for k, v in shapes.items() if k.split('/')[1] == HEAD}  # noqa: E731
   return head(theirs) == head(ours)
@@ -71,7 +88,7 @@ def initial_variables(config, model, source):
   size = config.data.image_size
   x = jnp.zeros((1, size, size, 3), jnp.float32)
   own = model.init(jax.random.key(config.seed), x, train=False)
-  keep_head = check_fits(source, own, config.init_from)
+  keep_head = check_fits(source, own, config.init_from, config.model)
   own = {k: traverse_util.flatten_dict(own[k]) for k in ('params', 'batch_stats')}
   merged = {}
   for collection, flat in own.items():

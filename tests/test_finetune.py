@@ -158,6 +158,7 @@ def test_init_from_refuses_a_missing_or_another_network(tmp_path):
   assert 'stage1_block2/' in str(
     error.value
   )  # ResNet-8's first stage has one block, ResNet-14's two
+  assert str(error.value).endswith('as in its config.json (--config.model.depth=8).')
 
 
 # ---------------------------------------------------------------- end to end, from converted weights
