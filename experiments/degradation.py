@@ -102,7 +102,8 @@ def draw_fig1(curves, out_stem):
     ax.set_title(title)
     ax.set_xlabel('iterations')
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a net that has not finished leaves its panel empty
+      ax.legend()
   left.set_ylabel('error (%)')
   left.set_ylim(0, None)
   fig.tight_layout()
@@ -120,7 +121,8 @@ def draw_fig6(curves, out_stem):
         ax.plot(*curves[label]['test'], '-', color=colour, linewidth=2.2, label=label)
     ax.set_xlabel('iterations')
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a net that has not finished leaves its panel empty
+      ax.legend()
   axes[0].set_ylabel('error (%)')
   axes[0].set_ylim(0, None)
   fig.suptitle('dashed: training error, bold: test error', fontsize=9)
