@@ -653,10 +653,8 @@ def test_no_restorable_checkpoint_stops_until_a_fresh_start_is_asked_for(tmp_pat
 
 def _train_rows(workdir):
   """{step: (loss, error)} of the train rows, the last row of a step counting (as the plots read them)."""
-  rows = [
-    json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-  ]
-  return {r['step']: (r['loss'], r['error']) for r in rows if r['split'] == 'train'}
+  rows = last_rows(workdir)
+  return {step: (r['loss'], r['error']) for (step, split), r in rows.items() if split == 'train'}
 
 
 def _gentle(**overrides):
@@ -715,11 +713,9 @@ PLATEAU = dict(
 
 
 def _lr_history(workdir):
-  rows = [
-    json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-  ]
-  lrs = {r['step']: r['lr'] for r in rows if r['split'] == 'train'}
-  drops = {r['step']: r['lr_drops'] for r in rows if r['split'] == 'test'}
+  rows = last_rows(workdir)
+  lrs = {step: r['lr'] for (step, split), r in rows.items() if split == 'train'}
+  drops = {step: r['lr_drops'] for (step, split), r in rows.items() if split == 'test'}
   return lrs, drops
 
 
