@@ -138,7 +138,7 @@ def damage_evidence(step_dir, state_fields=None):
   parsed = {}
   for name in _JSON:
     path = os.path.join(step_dir, name)
-    if name == FILES and not os.path.exists(path):
+    if name not in _REQUIRED and not os.path.exists(path):  # optional: FILES, _sharding
       continue
     with open(path) as f:
       text = f.read()
