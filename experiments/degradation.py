@@ -63,7 +63,8 @@ def train_command(config_file, workdir_path, image_folder, epochs, seed, evals_p
 
 
 def train_all(args):
-  for label, config_file in NETS.items():
+  for label in args.nets:
+    config_file = NETS[label]
     path = workdir(args.runs_dir, label)
     if (path / 'results.json').exists():
       print(f'{label}: finished earlier ({path})', flush=True)
@@ -182,8 +183,17 @@ def main(argv=None):
   parser.add_argument('--evals_per_epoch', type=int, default=2, help='test-error points per epoch')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--num_images', type=int, default=1000, help="Fig. 7's test images")
+  parser.add_argument(
+    '--nets',
+    default=','.join(NETS),
+    help='comma-separated subset to train (two commands with different subsets share the cores)',
+  )
   parser.add_argument('--plot_only', action='store_true', help='draw from the finished runs only')
   args = parser.parse_args(argv)
+  args.nets = [label.strip() for label in args.nets.split(',') if label.strip()]
+  unknown = [label for label in args.nets if label not in NETS]
+  if unknown:
+    parser.error(f'--nets names {unknown}; choose from {list(NETS)}')
   if not args.plot_only:
     if not args.image_folder:
       parser.error('--image_folder is needed to train (or pass --plot_only)')
