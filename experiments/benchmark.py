@@ -34,7 +34,7 @@ import flax
 import jax
 import numpy as np
 
-from resnet_jax import defaults, models, optim, parallel, summary, train
+from resnet_jax import complexity, defaults, models, optim, parallel, train
 
 RESULTS = ROOT / 'experiments' / 'results' / 'benchmarks.md'
 # Dense peak FLOP/s by device name (first matching substring wins) and our dtype, from the vendors' datasheets
@@ -73,7 +73,7 @@ equal logits with our weights loaded.
 
 ms/step: the median over timed windows of the mean step time (after an untimed warm-up that compiles),
 synthetic data already on the device; timed steps: windows x steps per window. TFLOP/s: 6 x forward
-multiply-adds per image (summary.count: training is ~3x the forward pass, 2 FLOPs per multiply-add) x
+multiply-adds per image (complexity.count: training is ~3x the forward pass, 2 FLOPs per multiply-add) x
 images/s. MFU: that over the device's datasheet peak for the dtype (float32: TF32 tensor cores on NVIDIA,
 which both frameworks use by default); n/a without a known peak (CPUs) unless `--peak_tflops` is given.
 PyTorch on CPU runs with OMP_WAIT_POLICY=PASSIVE unless the environment sets it: OpenMP's spinning threads
@@ -293,7 +293,7 @@ def jax_runner(spec, all_devices=False, activations='auto', model_overrides=None
   def step():
     holder[0], _ = train_fn(holder[0], batch)
 
-  _, params, _ = summary.count(config)
+  _, params, _ = complexity.count(config)
   return Runner(
     'JAX (ours)',
     f'jit, {len(devices)} device{"s" if len(devices) > 1 else ""}'
@@ -379,7 +379,7 @@ def bench(runner, steps, warmup, repeats=1, window_s=0.0, override_tflops=None):
   """One runner's row (main times several in turns)."""
   first_step(runner)
   (timing,) = measure([runner], steps, warmup, repeats, window_s).values()
-  return make_row(runner, summary.count(make_config(runner.spec))[2], timing, override_tflops)
+  return make_row(runner, complexity.count(make_config(runner.spec))[2], timing, override_tflops)
 
 
 def _mfu(row):
@@ -550,7 +550,7 @@ def main(argv=None):
   rows, notes = [], []
   for spec in specs:
     config = make_config(spec)
-    _, ours_params, macs = summary.count(config)
+    _, ours_params, macs = complexity.count(config)
     counts = f'{spec.name}: {ours_params:,} params (ours)'
     if 'torch' in frameworks:
       from experiments import torch_twin

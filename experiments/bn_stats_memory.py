@@ -1,4 +1,4 @@
-"""Peak host memory of the exact-BN pass (bn_stats.recompute) against the number of ImageNet-size batches.
+"""Peak host memory of the exact-BN pass (exact_bn.recompute) against the number of ImageNet-size batches.
 
   python experiments/bn_stats_memory.py [--batches=10,100] [--batch=256] [--listed=10]
 
@@ -61,7 +61,7 @@ def case(num_batches, batch, listed):
   import jax
   import numpy as np
 
-  from resnet_jax import bn_stats, defaults, models, parallel
+  from resnet_jax import defaults, exact_bn, models, parallel
 
   class Tiny(nn.Module):
     @nn.compact
@@ -79,10 +79,10 @@ def case(num_batches, batch, listed):
   ds = SyntheticImageNet(batch)
   baseline = _rss_mb()
   start = time.perf_counter()
-  batches = bn_stats.training_batches(ds, config, num_batches * batch)
+  batches = exact_bn.training_batches(ds, config, num_batches * batch)
   if listed:  # the previous path: every batch made before the pass
     batches = list(batches)
-  stats = bn_stats.recompute(
+  stats = exact_bn.recompute(
     model,
     variables['params'],
     variables['batch_stats'],

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from resnet_jax import defaults
+from resnet_jax.workdir import Workdir
 
 DEPTHS = (20, 32, 44, 56, 110, 1202)
 PAPER = {
@@ -91,7 +92,7 @@ def _differences(config, ref):
 
 
 def _last_logged_step(workdir):
-  path = workdir / 'metrics.jsonl'
+  path = pathlib.Path(Workdir(workdir).metrics)
   if not path.exists():
     return 0
   steps = [json.loads(line)['step'] for line in path.read_text().splitlines() if line.strip()]
@@ -100,7 +101,8 @@ def _last_logged_step(workdir):
 
 def classify(workdir):
   """(status, run) with status 'finished' | 'partial' | 'other', or None for a workdir that is no Table 6 run."""
-  results, config = _read_json(workdir / 'results.json'), _read_json(workdir / 'config.json')
+  run = Workdir(workdir)
+  results, config = _read_json(pathlib.Path(run.results)), _read_json(pathlib.Path(run.config_json))
   name = (results or {}).get('config') or (config or {}).get('name') or ''
   match = re.fullmatch(r'cifar10_(\d+)', name)
   if not match or int(match[1]) not in DEPTHS:

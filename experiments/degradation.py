@@ -26,6 +26,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
+from resnet_jax.workdir import Workdir  # noqa: E402
+
 NETS = {  # label -> config file, in the order they are trained (shortest first)
   'plain-20': 'configs/cifar10_plain20.py',
   'ResNet-20': 'configs/cifar10_20.py',
@@ -66,7 +68,7 @@ def train_all(args):
   for label in args.nets:
     config_file = NETS[label]
     path = workdir(args.runs_dir, label)
-    if (path / 'results.json').exists():
+    if pathlib.Path(Workdir(path).results).exists():
       print(f'{label}: finished earlier ({path})', flush=True)
       continue
     cmd = train_command(
@@ -83,7 +85,9 @@ def train_all(args):
 def finished(runs_dir):
   """{label: workdir} of the nets whose results.json exists, in NETS order."""
   found = {label: workdir(runs_dir, label) for label in NETS}
-  return {label: path for label, path in found.items() if (path / 'results.json').exists()}
+  return {
+    label: path for label, path in found.items() if pathlib.Path(Workdir(path).results).exists()
+  }
 
 
 def _save(fig, out_stem):
@@ -138,7 +142,7 @@ def table(runs, curves):
     '|---|---:|---:|---:|---:|',
   ]
   for label, path in runs.items():
-    results = json.loads((path / 'results.json').read_text())
+    results = json.loads(pathlib.Path(Workdir(path).results).read_text())
     train_error = curves[label]['train'][1][-1]
     rows.append(
       f'| {label} | {results["steps"]:,} | {train_error:.2f}% | '

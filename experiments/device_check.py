@@ -195,7 +195,7 @@ def _version(dist):
 def stage_bench(args, report, deadline):
   """experiments/benchmark.py's grid, entry by entry, until the budget is spent."""
   from experiments import benchmark
-  from resnet_jax import summary
+  from resnet_jax import complexity
 
   specs = benchmark.parse_grid(args.grid)
   modes = [m.strip() for m in args.torch_modes.split(';') if m.strip()]
@@ -214,7 +214,7 @@ def stage_bench(args, report, deadline):
     if left < args.bench_min_s:
       report.add(note=f'out of time: {label} not measured ({left:.0f} s left).')
       continue
-    _, _, macs = summary.count(benchmark.make_config(spec))
+    _, _, macs = complexity.count(benchmark.make_config(spec))
     runners = [benchmark.jax_runner(spec)]
     for mode in modes if torch_device is not None else []:
       try:
@@ -370,7 +370,8 @@ def stage_train(args, report, deadline):
   (the loop's preemption path: a checkpoint, then Preempted), resumed by the same command."""
   import jax
 
-  from resnet_jax import checkpointing, train
+  from resnet_jax import train
+  from resnet_jax.workdir import Workdir
 
   config = _load_config(ROOT / 'configs' / 'cifar10_20.py')
   config.data.update(
@@ -394,7 +395,7 @@ def stage_train(args, report, deadline):
     )
     config.optimizer.boundaries = (2, 3)
   workdir = os.path.abspath(args.train_workdir)
-  if args.train_resume and not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+  if args.train_resume and not os.path.isdir(Workdir(workdir).checkpoints):
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(workdir)) as tmp:
       with tarfile.open(args.train_resume) as f:
@@ -420,9 +421,7 @@ def stage_train(args, report, deadline):
     timer.cancel()
   rows = _metrics(workdir)
   segments = (
-    json.load(open(os.path.join(workdir, 'segments.json')))
-    if os.path.exists(os.path.join(workdir, 'segments.json'))
-    else []
+    json.load(open(Workdir(workdir).segments)) if os.path.exists(Workdir(workdir).segments) else []
   )
   summary = {
     'train_status': status,
@@ -488,7 +487,9 @@ def _out_of_time(signum, frame):
 
 def _metrics(workdir):
   """metrics.jsonl's rows, the last of each (step, split)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  from resnet_jax.workdir import Workdir
+
+  path = Workdir(workdir).metrics
   rows = {}
   if os.path.exists(path):
     for line in open(path):

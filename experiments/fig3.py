@@ -1,6 +1,6 @@
 """The paper's Fig. 3 (middle and right columns): plain-34 beside ResNet-34 with option A shortcuts.
 
-Both columns come from the networks themselves (summary.walk -> diagram.layout); the PNG is the same
+Both columns come from the networks themselves (complexity.walk -> diagram.layout); the PNG is the same
 layout object drawn by matplotlib, so the SVG and the PNG cannot differ.
 
   python experiments/fig3.py   # writes experiments/results/fig3.svg and fig3.png
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 from matplotlib import patches
 from matplotlib import path as mpath
 
-from resnet_jax import defaults, diagram, summary
+from resnet_jax import complexity, defaults, diagram
 
 COLUMNS = (('imagenet_plain34', '34-layer plain'), ('imagenet_resnet34a', '34-layer residual'))
 ANCHORS = {'start': 'left', 'middle': 'center', 'end': 'right'}
@@ -86,7 +86,7 @@ def main():
   columns = []
   for name, title in COLUMNS:
     config = defaults.load_file(ROOT / 'configs' / f'{name}.py')
-    columns.append(diagram.layout(summary.walk(config), collapse=False, title=title))
+    columns.append(diagram.layout(complexity.walk(config), collapse=False, title=title))
   layout = diagram.hstack(columns, gap=24)
   out = ROOT / 'experiments' / 'results'
   out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,8 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
-from resnet_jax import checkpointing, data, defaults, models
+from resnet_jax import checkpointing, data, models
+from resnet_jax.workdir import Workdir
 
 
 def make_moments_fn(model):
@@ -71,7 +72,7 @@ def _merge(a, b):
 
 def layer_stds(workdir, num_images=1000, batch_size=200):
   """The std of each 3x3 layer's response (per channel over images and positions, averaged over channels)."""
-  config = defaults.from_workdir(workdir)
+  config = Workdir(workdir).config()
   ds = data.load(config.data, config.seed)
   ds = dataclasses.replace(
     ds, eval_images=ds.eval_images[:num_images], eval_labels=ds.eval_labels[:num_images]
@@ -91,7 +92,7 @@ def layer_stds(workdir, num_images=1000, batch_size=200):
 
 def run_labels(workdirs):
   """Config names, with the workdir's basename added where two runs share one."""
-  names = [defaults.from_workdir(w).get('name', pathlib.Path(w).name) for w in workdirs]
+  names = [Workdir(w).config().get('name', pathlib.Path(w).name) for w in workdirs]
   return [
     f'{n} ({pathlib.Path(w).name})' if names.count(n) > 1 else n for n, w in zip(names, workdirs)
   ]

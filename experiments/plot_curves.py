@@ -19,11 +19,13 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
+from resnet_jax.workdir import Workdir  # noqa: E402
+
 EVAL_SPLITS = ('test', 'val')  # a run evaluates on one of them (val with data.val_split > 0)
 
 
 def _rows(workdir):
-  with open(pathlib.Path(workdir) / 'metrics.jsonl') as f:
+  with open(Workdir(workdir).metrics) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -36,7 +38,7 @@ def _series(rows, splits):
 
 def run_name(workdir):
   """The config's name from config.json, else the workdir's basename."""
-  path = pathlib.Path(workdir) / 'config.json'
+  path = pathlib.Path(Workdir(workdir).config_json)
   if path.exists():
     return json.loads(path.read_text()).get('name') or path.parent.name
   return pathlib.Path(workdir).name

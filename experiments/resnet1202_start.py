@@ -21,6 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from resnet_jax import defaults, parallel, train  # noqa: E402
+from resnet_jax.workdir import Workdir  # noqa: E402
 
 RESULTS = REPO / 'experiments' / 'results' / 'resnet1202_start.md'
 
@@ -43,7 +44,7 @@ def run(steps, lr, seed, limit, workdir):
   )
   train.train_and_evaluate(config, workdir, mesh=parallel.make_mesh(jax.devices()[:1]))
   rows = [
-    json.loads(line) for line in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()
+    json.loads(line) for line in pathlib.Path(Workdir(workdir).metrics).read_text().splitlines()
   ]
   return [(r['loss'], r['error']) for r in rows if r['split'] == 'train']
 

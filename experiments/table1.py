@@ -9,7 +9,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from resnet_jax import defaults, summary
+from resnet_jax import complexity, defaults
 
 OUT = ROOT / 'experiments' / 'results' / 'table1.md'
 
@@ -38,7 +38,7 @@ IMAGENET = [
 def rows(names):
   for name in names:
     config = defaults.load_file(ROOT / 'configs' / f'{name}.py')
-    _, params, macs = summary.count(config)
+    _, params, macs = complexity.count(config)
     yield name, config, params, macs
 
 

@@ -191,7 +191,7 @@ def build(model_config) -> ResNet:
 
 
 def num_params(net) -> int:
-  """Trainable parameters (BN scale and bias included, running statistics not), as summary.count."""
+  """Trainable parameters (BN scale and bias included, running statistics not), as complexity.count."""
   return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 

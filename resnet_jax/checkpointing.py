@@ -39,7 +39,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from resnet_jax import defaults, models, parallel
+from resnet_jax import models, parallel
+from resnet_jax.workdir import Workdir
 
 
 class CheckpointMismatch(ValueError):
@@ -58,11 +59,6 @@ class NoUsableCheckpoint(RuntimeError):
   """Every checkpoint of the workdir was damaged and moved aside: no silent start from step 0."""
 
 
-def checkpoint_dir(workdir) -> str:
-  """Absolute: orbax reads no metadata from a relative path."""
-  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
-
-
 def manager(workdir, keep):
   # cleanup_tmp_directories: a write cut short (a kill, a full disk) leaves a temporary directory that
   # the next writer removes; only writers (the lock holder, convert) open a manager.
@@ -70,7 +66,7 @@ def manager(workdir, keep):
     max_to_keep=keep, create=True, cleanup_tmp_directories=True
   )
   return ocp.CheckpointManager(
-    checkpoint_dir(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler()
+    Workdir(workdir).checkpoints, options=options, item_handlers=ocp.StandardCheckpointHandler()
   )
 
 
@@ -284,24 +280,20 @@ def _restore_target(mngr, step, target, workdir):
   raise CheckpointMismatch(
     f'the checkpoint of step {step} in {workdir} does not match this config (first difference at '
     f'{diff}): it was written for another network or optimizer; resume it with its own config '
-    f'({os.path.join(workdir, "config.json")}) or choose a new --workdir.'
+    f'({Workdir(workdir).config_json}) or choose a new --workdir.'
   )
 
 
-def _move_aside(mngr, step):
-  src = os.path.join(str(mngr.directory), str(step))
-  dst = os.path.join(str(mngr.directory), 'corrupt', f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+def _move_aside(workdir, step):
+  src = os.path.join(Workdir(workdir).checkpoints, str(step))
+  dst = os.path.join(Workdir(workdir).corrupt, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
   os.makedirs(os.path.dirname(dst), exist_ok=True)
   os.rename(src, dst)
   return dst
 
 
-def corrupt_dir(workdir) -> str:
-  return os.path.join(checkpoint_dir(workdir), 'corrupt')
-
-
 def _moved_earlier(workdir) -> list:
-  directory = corrupt_dir(workdir)
+  directory = Workdir(workdir).corrupt
   return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
 
@@ -379,7 +371,7 @@ def restore_or_init(workdir, keep, state, mesh, fresh_start=False):
         mngr.close()
         raise NoUsableCheckpoint(
           f'no checkpoint in {mngr.directory} can be restored: '
-          f'{", ".join(moved) if moved else "all"} were damaged and are in {corrupt_dir(workdir)} '
+          f'{", ".join(moved) if moved else "all"} were damaged and are in {Workdir(workdir).corrupt} '
           f'({", ".join(earlier)}); restore a good copy into {mngr.directory} and rerun, or start '
           'again from step 0 on purpose with --fresh_start (the damaged ones stay where they are).'
         )
@@ -416,7 +408,7 @@ def restore_or_init(workdir, keep, state, mesh, fresh_start=False):
       )
     mngr.close()
     if jax.process_index() == 0:
-      moved_to = _move_aside(mngr, step)
+      moved_to = _move_aside(workdir, step)
       logging.warning(
         'The checkpoint of step %d is damaged (%s; reading it gave: %s); moved it to %s and trying '
         'the previous one.',
@@ -457,14 +449,16 @@ def open_workdir(workdir, config=None) -> Run:
   Safe beside a running training: only finished checkpoints are read, and a damaged one is named and
   skipped, never moved. Arrays come back on the host (numpy), whatever devices saved them.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  run_dir = Workdir(workdir)
+  workdir = run_dir.path
   if config is None:
-    if not os.path.exists(os.path.join(workdir, 'config.json')):
+    if not run_dir.has_config():
       raise FileNotFoundError(
         f'{workdir} holds no config.json: pass the --workdir of a training run.'
       )
-    config = defaults.from_workdir(workdir)
-  directory = checkpoint_dir(workdir)
+    config = run_dir.config()
+  config = run_dir.with_saved_statistics(config)
+  directory = run_dir.checkpoints
   steps = complete_steps(directory)
   if not steps:
     raise FileNotFoundError(

@@ -6,7 +6,6 @@ fields; they are loaded by path, never installed. Command-line overrides such as
 """
 
 import importlib.util
-import json
 import os
 
 import ml_collections
@@ -186,14 +185,12 @@ def load_file(path):
   return module.get_config()
 
 
-def from_workdir(workdir):
-  """The config a workdir was trained with (its config.json), on top of today's defaults.
+def from_saved(saved: dict):
+  """A saved config (a workdir's config.json) on top of today's defaults.
 
   Fields added after the run was started take their default values, so tools keep working on older runs;
-  tuples come back as tuples, and a relative data.mean_image_file is the workdir's file.
+  tuples come back as tuples.
   """
-  with open(os.path.join(os.path.expanduser(workdir), 'config.json')) as f:
-    saved = json.load(f)
   config = get_config()
 
   def merge(node, values):
@@ -204,9 +201,4 @@ def from_workdir(workdir):
         node[key] = tuple(value) if isinstance(node.get(key), tuple) else value
 
   merge(config, saved)
-  mean_image_file = config.data.mean_image_file
-  if mean_image_file and not os.path.isabs(mean_image_file):
-    config.data.mean_image_file = os.path.join(
-      os.path.abspath(os.path.expanduser(workdir)), mean_image_file
-    )
   return config

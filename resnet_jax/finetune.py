@@ -6,15 +6,14 @@ else the network's own fresh initialisation takes its place (as in the paper's t
 only the output layer is new). The optimizer and the step start from zero.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from resnet_jax import checkpointing, defaults, models
+from resnet_jax import checkpointing, models
 from resnet_jax.validate import ConfigError
+from resnet_jax.workdir import Workdir
 
 HEAD = 'fc'  # the classifier's module: the only one that may differ from the source
 
@@ -36,7 +35,7 @@ def _model_flags(init_from, model_config) -> str:
   if model_config is None:
     return ''
   try:
-    theirs = defaults.from_workdir(init_from).model
+    theirs = Workdir(init_from).config().model
   except (OSError, ValueError):
     return ''
   flags = [
@@ -68,10 +67,10 @@ def source_variables(config, workdir):
   """init_from's {'params', 'batch_stats'} (host arrays, in this config's scan_blocks layout), or None
   without init_from or when `workdir` already holds a checkpoint (a resumed run continues from its own)."""
   init_from = config.get('init_from', '')
-  if not init_from or checkpointing.complete_steps(checkpointing.checkpoint_dir(workdir)):
+  if not init_from or checkpointing.complete_steps(Workdir(workdir).checkpoints):
     return None
-  path = os.path.abspath(os.path.expanduser(init_from))
-  if not os.path.isfile(os.path.join(path, 'config.json')):
+  path = Workdir(init_from).path
+  if not Workdir(init_from).has_config():
     raise ConfigError(
       f'init_from={path} holds no config.json, so pass the workdir of a trained or converted run.'
     )

@@ -10,7 +10,9 @@ import sys
 
 from absl import flags, logging
 
-from resnet_jax import cli, validate
+from resnet_jax import validate
+from resnet_jax.tools import cli
+from resnet_jax.workdir import Workdir
 
 FLAGS = flags.FLAGS
 cli.define_config_flag(required=True)
@@ -88,15 +90,15 @@ def main(argv):
 def report(results, workdir) -> str:
   """Where a finished run's outputs are, and its final number."""
   split = next(k[: -len('_error')] for k in results if k.endswith('_error'))
-  workdir = os.path.abspath(workdir)
+  run = Workdir(workdir)
   return (
     f'{results["config"]}: step {results["steps"]}, {split} error '
     f'{100 * results[f"{split}_error"]:.2f}% ({results["bn_statistics"].replace("_", " ")} BN '
     f'statistics; {100 * results[f"{split}_error_exact_bn"]:.2f}% with exact ones), '
     f'{results["wall_time_s"] / 60:.1f} min of training in {len(results["segments"])} segment(s).\n'
-    f'  results:     {os.path.join(workdir, "results.json")}\n'
-    f'  checkpoints: {os.path.join(workdir, "checkpoints")}\n'
-    f'  TensorBoard: tensorboard --logdir {os.path.join(workdir, "tensorboard")}'
+    f'  results:     {run.results}\n'
+    f'  checkpoints: {run.checkpoints}\n'
+    f'  TensorBoard: tensorboard --logdir {run.tensorboard}'
   )
 
 

@@ -33,7 +33,7 @@ class BatchNorm(nn.Module):
     paper's per-GPU BN (64 images on each of 2 GPUs for CIFAR, 32 on each of 8 for ImageNet), whatever
     the number of devices; None normalises over the whole batch, synchronised over `axis_name`.
   - In train mode it sows the batch moments (mean, mean of squares) over the whole batch into the
-    'bn_moments' collection, so bn_stats.py can recompute exact population statistics after training.
+    'bn_moments' collection, so exact_bn.py can recompute exact population statistics after training.
   """
 
   use_running_average: bool

@@ -21,7 +21,9 @@ from flax import traverse_util
 from google.protobuf import message
 
 from resnet_jax import caffe_proto, checkpointing, defaults, models, optim, train
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.registry import PREPROCESSING
+from resnet_jax.workdir import Workdir
 
 DEPTHS = tuple(sorted(models.IMAGENET_STAGES))
 CAFFE_DEPTHS = (50, 101, 152)  # the released models
@@ -588,7 +590,6 @@ def from_pytorch_resnet_cifar10(state_dict, depth=None):
 # ------------------------------------------------------------------------------------------ workdirs
 
 FORMATS = ('caffe', 'torchvision', 'pytorch_resnet_cifar10')
-MEAN_IMAGE_FILE = 'mean_image.npy'  # in the workdir; config.json names it relative to the workdir
 
 
 def _existing_file(path, what):
@@ -651,7 +652,7 @@ def convert(source, weights, depth, mean=None, config=None):
   config.data.input_scale = float(spec['scale'])
   config.data.channel_mean = tuple(spec['mean']) if any(spec['mean']) else ()
   config.data.channel_std = tuple(spec['std']) if any(v != 1 for v in spec['std']) else ()
-  config.data.mean_image_file = MEAN_IMAGE_FILE if spec['mean_image'] else ''
+  config.data.mean_image_file = workdir_lib.MEAN_IMAGE_NAME if spec['mean_image'] else ''
   variables = models.convert_layout(variables, bool(config.model.scan_blocks))
   return config, variables, mean_image
 
@@ -681,7 +682,7 @@ def _same_arrays(a, b):
 def _holds_this(workdir, config, variables, mean_image):
   """Whether `workdir` already holds exactly this conversion (False: nothing of it yet); raises
   ConversionError when it holds another network or other weights."""
-  config_path = os.path.join(workdir, 'config.json')
+  config_path = Workdir(workdir).config_json
   if os.path.exists(config_path):
     with open(config_path) as f:
       saved = json.load(f)
@@ -690,14 +691,14 @@ def _holds_this(workdir, config, variables, mean_image):
         f'{workdir} already holds another run ({saved.get("name", "unnamed")}) whose config.json '
         f'differs from {config.name}: choose a new --workdir.'
       )
-  steps = checkpointing.complete_steps(checkpointing.checkpoint_dir(workdir))
+  steps = checkpointing.complete_steps(Workdir(workdir).checkpoints)
   if not steps:
     return False
   try:
     run = checkpointing.open_workdir(workdir, config)
   except FileNotFoundError:
     run = None
-  mean_path = os.path.join(workdir, MEAN_IMAGE_FILE)
+  mean_path = Workdir(workdir).mean_image
   same = (
     run is not None
     and run.step == 0
@@ -726,7 +727,7 @@ def write_workdir(workdir, source, weights, depth, mean=None, config=None):
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConversionError(f'{workdir} is a file: pass a folder as the workdir.')
-  config_path = os.path.join(workdir, 'config.json')
+  config_path = Workdir(workdir).config_json
   holds = _holds_this(workdir, config, variables, mean_image)
   if holds and os.path.exists(config_path):
     return config, False
@@ -734,7 +735,7 @@ def write_workdir(workdir, source, weights, depth, mean=None, config=None):
     state = train_state(config, variables)
     os.makedirs(workdir, exist_ok=True)
     if mean_image is not None:
-      np.save(os.path.join(workdir, MEAN_IMAGE_FILE), mean_image)
+      np.save(Workdir(workdir).mean_image, mean_image)
     mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
     checkpointing.save(mngr, state, 0)
     mngr.wait_until_finished()

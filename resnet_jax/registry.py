@@ -1,6 +1,6 @@
 """The released ResNets this codebase converts, by name, and the cache their downloads go to.
 
-  python -m resnet_jax.convert --pretrained=cifar10_resnet20 --workdir=runs/cifar10_resnet20
+  python -m resnet_jax.tools.convert --pretrained=cifar10_resnet20 --workdir=runs/cifar10_resnet20
 
 MODELS maps a name to where the file is published, its sha256, the conversion format, the depth and
 the input the network expects (PREPROCESSING). `fetch` downloads into the cache (RESNET_JAX_WEIGHTS_DIR,

@@ -27,8 +27,8 @@ from clu import metrics
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import (
-  bn_stats,
   checkpointing,
+  exact_bn,
   finetune,
   models,
   optim,
@@ -39,7 +39,8 @@ from resnet_jax import (
   writers,
 )
 from resnet_jax import data as data_lib
-from resnet_jax.data import on_device
+from resnet_jax.data import imagenet, on_device
+from resnet_jax.workdir import Workdir
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -326,29 +327,37 @@ def exact_bn_images(config) -> int:
 
 
 def recompute_bn(state, ds, model, config, mesh):
-  """The state with exact BN statistics over exact_bn_images(config) training images (bn_stats.recompute);
+  """The state with exact BN statistics over exact_bn_images(config) training images (exact_bn.recompute);
   the state itself under model.freeze_bn, whose statistics stay as loaded."""
   if config.model.get('freeze_bn', False):
     return state
   num_images = exact_bn_images(config)
   batches = parallel.prefetch(
-    bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch
+    exact_bn.training_batches(ds, config, num_images), mesh, config.data.prefetch
   )
   return state.replace(
-    batch_stats=bn_stats.recompute(model, state.params, state.batch_stats, batches, mesh)
+    batch_stats=exact_bn.recompute(model, state.params, state.batch_stats, batches, mesh)
   )
 
 
-def _write(workdir, name, text):
+def _write(path, text):
   """Whole or not at all: a tool reading the file beside a (killed) training never sees half of it."""
-  path = os.path.join(workdir, name)
   with open(f'{path}.tmp', 'w') as f:
     f.write(text)
   os.replace(f'{path}.tmp', path)
 
 
-def _read(workdir, name):
-  path = os.path.join(workdir, name)
+def save_preprocessing(ds, config, workdir):
+  """Saves the mean image computed from the training images into the workdir, so evaluation and the
+  tools need no training images; a config that fixes its preprocessing already says it all."""
+  path = Workdir(workdir).mean_image
+  if imagenet.fixed_preprocessing(config.data) or os.path.exists(path):
+    return
+  np.save(f'{path}.tmp.npy', np.asarray(ds.mean_image, np.float32))
+  os.replace(f'{path}.tmp.npy', path)
+
+
+def _read(path):
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -360,15 +369,15 @@ class Segments:
   and brought up to date at each checkpoint, so results.json can report the time over all of them."""
 
   def __init__(self, workdir, start_step, is_main):
-    self._workdir, self._is_main = workdir, is_main
+    self._path, self._is_main = Workdir(workdir).segments, is_main
     self._start = time.time()
-    self._done = _read(workdir, 'segments.json') or []
+    self._done = _read(self._path) or []
     self.current = {'start_step': start_step, 'end_step': start_step, 'wall_time_s': 0.0}
 
   def update(self, step):
     self.current.update(end_step=int(step), wall_time_s=time.time() - self._start)
     if self._is_main:
-      _write(self._workdir, 'segments.json', json.dumps(self.all(), indent=2))
+      _write(self._path, json.dumps(self.all(), indent=2))
 
   def all(self) -> list:
     return self._done + [dict(self.current)]
@@ -423,7 +432,8 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
     return finished  # results.json stays as it was
   _check_dispatch(start_step, k)
   if is_main:
-    _write(workdir, 'config.json', config.to_json_best_effort(indent=2))
+    _write(Workdir(workdir).config_json, config.to_json_best_effort(indent=2))
+    save_preprocessing(ds, config, workdir)
   writer = writers.Writer(workdir, is_main)
   progress = writers.Progress(start_step, num_steps, config.train.batch_size)
   segments = Segments(workdir, start_step, is_main)
@@ -478,7 +488,7 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
   segments.update(int(state.step))
   results = final_results(config, ds, state, moving_average_results, eval_results, segments)
   if is_main:
-    _write(workdir, 'results.json', json.dumps(results, indent=2))
+    _write(Workdir(workdir).results, json.dumps(results, indent=2))
   writer.close()
   manager.close()
   return results
@@ -486,7 +496,7 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
 
 def _already_finished(workdir, start_step, num_steps):
   """The results of a run that has nothing left to train, or None."""
-  finished = _read(workdir, 'results.json')
+  finished = _read(Workdir(workdir).results)
   if start_step >= num_steps and finished and finished.get('steps') == start_step:
     logging.warning(
       '%s is already at step %d of %d: nothing to train.', workdir, start_step, num_steps

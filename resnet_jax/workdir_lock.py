@@ -26,18 +26,13 @@ import jax
 from absl import logging
 
 from resnet_jax import parallel
-
-NAME = 'lock.json'
+from resnet_jax.workdir import Workdir
 
 _held = set()  # lock paths this process holds: its own pid in a lock file is then no stale leftover
 
 
 class WorkdirLocked(RuntimeError):
   """Another training holds the workdir."""
-
-
-def lock_path(workdir) -> str:
-  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), NAME)
 
 
 def _read(path):
@@ -145,7 +140,7 @@ def _write_new(path, record):
 
 def acquire(workdir, timeout_s) -> Lock:
   """Takes the workdir's lock, taking over a stale one; raises WorkdirLocked while another holds it."""
-  path = lock_path(workdir)
+  path = Workdir(workdir).lock
   for _ in range(5):  # a lock released or taken over meanwhile: look again
     now = time.time()
     token = uuid.uuid4().hex

@@ -13,6 +13,8 @@ import time
 
 from absl import logging
 
+from resnet_jax.workdir import Workdir
+
 
 def _tensorflow_available():
   try:
@@ -45,17 +47,17 @@ class Writer:
     if not is_main:
       return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'metrics.jsonl')
+    path = Workdir(workdir).metrics
     _drop_partial_line(path)
     self._jsonl = open(path, 'a')
     if _tensorflow_available():
       from clu import metric_writers
 
-      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = metric_writers.SummaryWriter(Workdir(workdir).tensorboard)
     else:
       logging.warning(
         'TensorFlow is not importable: no TensorBoard events; metrics go to the console and %s.',
-        os.path.join(workdir, 'metrics.jsonl'),
+        path,
       )
 
   def write(self, step, split, scalars):

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from helpers import model_config
 
-from resnet_jax import models, summary
+from resnet_jax import complexity, models
 
 sys.path.insert(0, str(REPO))  # experiments/ is no installed package
 from experiments import benchmark
@@ -37,7 +37,7 @@ def twin_fixture(torch):
 def random_variables(config, seed=0):
   """Our variables' shapes (without compiling an init) filled with values that exercise every mapping:
   He-scaled kernels, BN scales, biases and running statistics away from their initial 1 and 0."""
-  shapes, _, _ = summary.count(config)
+  shapes, _, _ = complexity.count(config)
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -56,7 +56,7 @@ def random_variables(config, seed=0):
 )
 def test_twin_has_our_parameter_count_and_shapes(twin, family, depth):
   config = model_config(family, depth, image_size=32 if family == 'cifar' else 224)
-  _, ours, _ = summary.count(config)
+  _, ours, _ = complexity.count(config)
   net = twin.build(config.model)
   assert twin.num_params(net) == ours
   twin.load_flax_params(
@@ -162,7 +162,7 @@ def test_jax_side_times_our_training_step_and_writes_the_table(tmp_path):
   )
   assert row['timed'] == '1 x 2'
   assert row['images_per_s'] == pytest.approx(16 * 1000 / row['ms_per_step'])  # batch 16
-  _, _, macs = summary.count(model_config('cifar', 8, image_size=32))
+  _, _, macs = complexity.count(model_config('cifar', 8, image_size=32))
   assert row['train_flops_per_image'] == 6 * RESNET8_MACS == 6 * macs
   assert row['mfu'] == pytest.approx(6 * RESNET8_MACS * row['images_per_s'] / 1e12)
   text = out.read_text()

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 from helpers import random_variables, small_run
 
-from resnet_jax import bn_stats, data, models, parallel, train
+from resnet_jax import data, exact_bn, models, parallel, train
 
 
 class TinyNet(nn.Module):
@@ -36,7 +36,7 @@ def test_recomputed_statistics_equal_numpy():
   )
   mesh = parallel.make_mesh(jax.devices()[:4])
   placed = [parallel.to_global({'image': b}, mesh) for b in batches]
-  stats = jax.device_get(bn_stats.recompute(model, params, variables['batch_stats'], placed, mesh))
+  stats = jax.device_get(exact_bn.recompute(model, params, variables['batch_stats'], placed, mesh))
 
   w1, w2 = (np.asarray(params[c]['kernel'])[0, 0] for c in ('conv1', 'conv2'))
   f1 = [b @ w1 for b in batches]  # [8, 3, 3, 5] per batch
@@ -80,21 +80,21 @@ def test_streamed_batches_give_the_statistics_of_the_whole_list():
 
   gen = ds.train_batches(0, 16, config.seed + 1)  # the previous training_batches: a list
   listed = [parallel.to_global(next(gen), mesh) for _ in range(5)]
-  expected = bn_stats.recompute(model, variables['params'], variables['batch_stats'], listed, mesh)
+  expected = exact_bn.recompute(model, variables['params'], variables['batch_stats'], listed, mesh)
 
   counting = CountingDataset(ds)
-  batches = bn_stats.training_batches(counting, config, num_images=5 * 16 + 7)
+  batches = exact_bn.training_batches(counting, config, num_images=5 * 16 + 7)
   assert counting.made == 0  # nothing is made before the pass reads it
   first = next(batches)
   assert counting.made == 1
   rest = list(batches)
   assert counting.made == 5 and len(rest) == 4
   np.testing.assert_array_equal(first['image'], jax.device_get(listed[0])['image'])
-  streamed = bn_stats.recompute(
+  streamed = exact_bn.recompute(
     model,
     variables['params'],
     variables['batch_stats'],
-    parallel.prefetch(bn_stats.training_batches(ds, config, 5 * 16), mesh),
+    parallel.prefetch(exact_bn.training_batches(ds, config, 5 * 16), mesh),
     mesh,
   )
   for a, b in zip(
@@ -110,7 +110,7 @@ def test_after_training_and_as_a_command(tmp_path):
   command = [
     sys.executable,
     '-m',
-    'resnet_jax.bn_stats',
+    'resnet_jax.tools.bn_stats',
     f'--workdir={tmp_path}',
     '--num_images=64',
   ]

@@ -1,4 +1,4 @@
-"""Converted workdirs: what resnet_jax.convert writes is an ordinary run (training's checkpoint layout, a
+"""Converted workdirs: what resnet_jax.tools.convert writes is an ordinary run (training's checkpoint layout, a
 config every tool reads), preprocessed as the weights' framework did, and the CLIs around it."""
 
 import hashlib
@@ -22,16 +22,17 @@ from test_pretrained import (
 from resnet_jax import (
   caffe_proto,
   checkpointing,
+  complexity,
   defaults,
-  evaluate,
+  evaluation,
   models,
   optim,
   parallel,
   pretrained,
-  summary,
   train,
 )
 from resnet_jax.data import imagenet
+from resnet_jax.workdir import Workdir
 
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
@@ -100,7 +101,7 @@ def test_torchvision_workdir_is_a_run_with_the_weights(weights, torchvision_work
     logits = weights['torch'](torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
   assert_close(model.apply(variables, x, train=False), logits)
   # summary reads its config: the converted parameters are the network's.
-  _, params, _ = summary.count(config)
+  _, params, _ = complexity.count(config)
   assert params == sum(np.size(v) for v in jax.tree.leaves(variables['params']))
 
 
@@ -139,7 +140,7 @@ def test_torchvision_one_crop_is_transforms_output(torchvision_workdir, imagenet
   from PIL import Image
   from torchvision import transforms
 
-  config = defaults.from_workdir(torchvision_workdir).data
+  config = Workdir(torchvision_workdir).config().data
   path = imagenet_sample_folder / 'val' / TENCH
   transform = transforms.Compose(
     [
@@ -187,12 +188,12 @@ def test_evaluate_converted_models_on_the_sample(weights, imagenet_sample_folder
   )
   mesh = parallel.make_mesh(jax.devices()[:1])
   for mode in ('1crop', '10crop'):
-    result = evaluate.evaluate_workdir(workdir, mode, mesh=mesh)
+    result = evaluation.evaluate_workdir(workdir, mode, mesh=mesh)
     assert result['count'] == 100 and result['step'] == 0 and result['mode'] == mode
     assert 0 <= result['top5_error'] <= result['top1_error'] <= 1
     assert json.loads((workdir / f'eval_{mode}.json').read_text())['count'] == 100
   workdir = _converted_on_sample(weights, imagenet_sample_folder, tmp_path, 'caffe', eval_limit=16)
-  result = evaluate.evaluate_workdir(workdir, '1crop', mesh=mesh)
+  result = evaluation.evaluate_workdir(workdir, '1crop', mesh=mesh)
   assert result['count'] == 16
 
 
@@ -211,7 +212,7 @@ def test_class_names_are_torchvisions():
 
 def _cli(module, *args, timeout=600):
   return subprocess.run(
-    [sys.executable, '-m', f'resnet_jax.{module}', *map(str, args)],
+    [sys.executable, '-m', f'resnet_jax.tools.{module}', *map(str, args)],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -264,7 +265,7 @@ def test_convert_cli_writes_workdirs(weights, tmp_path):
   assert checkpointing.open_workdir(tmp_path / 'caffe').config.name == 'caffe_resnet50'
   described = _cli('summary', f'--workdir={tmp_path / "caffe"}', '--json')
   assert described.returncode == 0, described.stderr[-2000:]
-  _, params, _ = summary.count(defaults.from_workdir(tmp_path / 'caffe'))
+  _, params, _ = complexity.count(Workdir(tmp_path / 'caffe').config())
   assert json.loads(described.stdout)['params'] == params > 25_000_000
   # The same conversion again finds it there and writes nothing.
   before = _snapshot(tmp_path / 'tv')
@@ -363,7 +364,7 @@ def test_predict_cli(torchvision_workdir, imagenet_sample_folder, tmp_path):
       assert c['wnid'] == wnids[c['label']] and c['name'] == names[c['label']]
   # Exactly the 1-crop view through pretrained.load: the printed probabilities are the model's.
   model, variables = pretrained.load(torchvision_workdir)
-  config = defaults.from_workdir(torchvision_workdir).data
+  config = Workdir(torchvision_workdir).config().data
   x = imagenet.one_crop(images[0].read_bytes(), config, imagenet.fixed_mean_image(config))
   p = np.asarray(jax.nn.softmax(model.apply(variables, x[None], train=False)))[0]
   top = results[0]['top'][0]

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from helpers import model_config
 
-from resnet_jax import defaults, diagram, summary
+from resnet_jax import complexity, defaults, diagram
 
 SVG = '{http://www.w3.org/2000/svg}'
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -27,7 +27,7 @@ def elements(svg_text):
 
 
 def draw(cfg, collapse=False):
-  return elements(diagram.to_svg(diagram.layout(summary.walk(cfg), collapse=collapse)))
+  return elements(diagram.to_svg(diagram.layout(complexity.walk(cfg), collapse=collapse)))
 
 
 def cost(element):
@@ -96,7 +96,7 @@ def test_box_labels_are_the_papers():
 def test_tooltips_add_up_to_the_totals(cfg):
   drawn = draw(cfg)
   costs = [cost(e) for e in drawn['layer'] + drawn['projection']]
-  _, params, macs = summary.count(cfg)
+  _, params, macs = complexity.count(cfg)
   assert sum(p for p, _ in costs) == params and sum(m for _, m in costs) == macs
 
 
@@ -106,7 +106,7 @@ def test_tooltips_add_up_to_the_totals(cfg):
   ids=['resnet152', 'cifar110'],
 )
 def test_collapse_draws_repeated_blocks_once(cfg, repeat):
-  network = summary.walk(cfg)
+  network = complexity.walk(cfg)
   full = elements(diagram.to_svg(diagram.layout(network, collapse=False)))
   collapsed = elements(diagram.to_svg(diagram.layout(network)))  # deep: collapsed by default
   assert len(collapsed['layer']) < len(full['layer']) // 5
@@ -117,13 +117,13 @@ def test_collapse_draws_repeated_blocks_once(cfg, repeat):
 
 
 def test_shallow_networks_are_not_collapsed_by_default():
-  network = summary.walk(model_config('imagenet', 34, shortcut='A'))
+  network = complexity.walk(model_config('imagenet', 34, shortcut='A'))
   full = diagram.to_svg(diagram.layout(network, collapse=False))
   assert diagram.to_svg(diagram.layout(network)) == full
 
 
 def test_layer_table_in_network_order():
-  network = summary.walk(model_config('imagenet', 50, shortcut='B'))
+  network = complexity.walk(model_config('imagenet', 50, shortcut='B'))
   assert network.layers[0].path == 'stem_conv' and network.layers[1].kind == 'max_pool'
   assert network.layers[-1].path == 'fc' and network.layers[-2].kind == 'avg_pool'
   block_order = [layer.block for layer in network.layers if layer.block]
@@ -146,17 +146,17 @@ def test_layer_table_in_network_order():
   ids=['r50', 'c20'],
 )
 def test_layer_table_sums_to_the_totals(cfg, params, gmacs):
-  network = summary.walk(cfg)
-  assert sum(layer.params for layer in network.layers) == params == summary.count(cfg)[1]
+  network = complexity.walk(cfg)
+  assert sum(layer.params for layer in network.layers) == params == complexity.count(cfg)[1]
   macs = sum(layer.macs for layer in network.layers)
   assert abs(macs / 1e9 - gmacs) / gmacs < 0.02
-  table = summary.table(network)
+  table = complexity.table(network)
   assert table.splitlines()[-1].split()[-2:] == [f'{params:,}', f'{macs:,}']
 
 
 def test_scanned_blocks_come_out_per_block():
-  unscanned = summary.walk(model_config('cifar', 20))
-  scanned = summary.walk(model_config('cifar', 20, scan_blocks=True, remat=True))
+  unscanned = complexity.walk(model_config('cifar', 20))
+  scanned = complexity.walk(model_config('cifar', 20, scan_blocks=True, remat=True))
   assert scanned == unscanned and len(scanned.blocks) == 9
 
 
@@ -169,7 +169,7 @@ def test_cli_writes_the_diagram(tmp_path):
     [
       sys.executable,
       '-m',
-      'resnet_jax.summary',
+      'resnet_jax.tools.summary',
       '--config=configs/cifar10_20.py',
       f'--diagram={out}',
       '--config.model.shortcut=B',
@@ -187,14 +187,14 @@ def test_cli_writes_the_diagram(tmp_path):
 def test_every_config_draws():  # ~15 s on one core, mostly tracing ResNet-1202
   for name in CONFIGS:
     cfg = defaults.load_file(CONFIG_DIR / f'{name}.py')
-    network = summary.walk(cfg)
+    network = complexity.walk(cfg)
     drawn = elements(diagram.to_svg(diagram.layout(network)))
     assert drawn['layer'] and drawn['layer'][-1].find(f'{SVG}text').text.startswith('fc '), name
     assert bool(drawn['shortcut']) == cfg.model.residual, name
 
 
 def test_boxes_do_not_overlap_and_labels_fit():
-  network = summary.walk(model_config('imagenet', 152, stride_on_3x3=True, shortcut='C'))
+  network = complexity.walk(model_config('imagenet', 152, stride_on_3x3=True, shortcut='C'))
   for collapse in (False, True):
     drawing = diagram.layout(network, collapse=collapse)
     boxes = [
@@ -229,7 +229,7 @@ def test_matplotlib_draws_the_same_layout(tmp_path):
   sys.path.insert(0, str(REPO))  # experiments/ is no installed package
   from experiments import fig3
 
-  drawing = diagram.layout(summary.walk(model_config('cifar', 20, shortcut='B')), collapse=False)
+  drawing = diagram.layout(complexity.walk(model_config('cifar', 20, shortcut='B')), collapse=False)
   figure = fig3.figure(drawing, scale=1.0)
   shapes = [shape for item in drawing.items for shape in item.shapes]
   axes = figure.axes[0]

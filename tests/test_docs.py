@@ -50,7 +50,7 @@ ENVIRONMENT = {'PWD', 'HOME', 'OUT'}
 _TOOL_FLAGS = """
 import json, runpy, sys
 from absl import flags
-from resnet_jax import cli
+from resnet_jax.tools import cli
 
 class Reported(Exception):
   pass
@@ -210,6 +210,11 @@ def is_python(word):
   return re.fullmatch(r'python3?(\.\d+)?', os.path.basename(word)) is not None
 
 
+def tool_path(tool):
+  """The file of module resnet_jax.<tool> ('tools.evaluate': resnet_jax/tools/evaluate.py)."""
+  return REPO / 'resnet_jax' / f'{tool.replace(".", "/")}.py'
+
+
 def tool_of(argv):
   if is_python(argv[0]) and argv[1:2] == ['-m'] and argv[2].startswith('resnet_jax.'):
     return argv[2][len('resnet_jax.') :]
@@ -267,7 +272,7 @@ def interfaces():
   """{('tool', name) or ('script', path): {flag: whether boolean}}, from two processes run side by side."""
   everything = _every_command()
   tools = sorted({tool_of(a) for _, a in everything if tool_of(a)})
-  tools = [t for t in tools if (REPO / 'resnet_jax' / f'{t}.py').is_file()]
+  tools = [t for t in tools if tool_path(t).is_file()]
   scripts = sorted({script_of(a) for _, a in everything if script_of(a)})
   scripts = [s for s in scripts if (REPO / s).is_file()]
   parsed = [s for s in scripts if _uses_argparse(s)]  # the others would run, not parse
@@ -296,8 +301,8 @@ def problems(argv):
   tool = tool_of(argv)
   script = script_of(argv)
   if tool:
-    if not (REPO / 'resnet_jax' / f'{tool}.py').is_file():
-      return [f'there is no resnet_jax/{tool}.py']
+    if not tool_path(tool).is_file():
+      return [f'there is no {tool_path(tool).relative_to(REPO)}']
     accepted = interfaces()[('tool', tool)]
     arguments = argv[3:]
   elif script:
@@ -320,13 +325,15 @@ def problems(argv):
     if tool and name.startswith('config.'):
       if 'config' not in accepted:
         found.append(f'{tool} takes no --config, so no {argument}')
-      elif config_path is None:
-        found.append(f'{argument} without a --config=PATH to override')
-      elif (REPO / config_path).is_file():
-        node = config_of(config_path)
+      elif config_path is None and not any(a.startswith('--workdir') for a in arguments):
+        found.append(f'{argument} without a --config=PATH or a --workdir to override')
+      elif config_path is None or (REPO / config_path).is_file():
+        # Without --config, a tool overrides the workdir's config.json, read on today's defaults.
+        node = defaults.get_config() if config_path is None else config_of(config_path)
+        where = config_path or "a workdir's config"
         for part in name.split('.')[1:]:
           if not hasattr(node, 'keys') or part not in node:
-            found.append(f'{argument}: {name[len("config.") :]} is not a field of {config_path}')
+            found.append(f'{argument}: {name[len("config.") :]} is not a field of {where}')
             break
           node = node[part]
       continue

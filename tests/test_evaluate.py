@@ -1,11 +1,11 @@
-"""resnet_jax.evaluate's scores: kept on the devices and copied in chunks, the numbers of a per-batch copy."""
+"""resnet_jax.evaluation's scores: kept on the devices and copied in chunks, the numbers of a per-batch copy."""
 
 import jax
 import numpy as np
 import pytest
 from helpers import random_variables, small_run
 
-from resnet_jax import data, evaluate, models, parallel
+from resnet_jax import data, evaluation, models, parallel
 
 
 def per_batch_scores(fn, variables, batches, mesh):
@@ -28,14 +28,14 @@ def test_chunked_scores_equal_per_batch_copies(chunk_rows):
   )
   mesh = parallel.make_mesh(jax.devices()[:4])
   variables = jax.device_put(random_variables(shapes), parallel.replicated(mesh))
-  fn = evaluate.scores_fn(model, mesh, flips=False)
+  fn = evaluation.scores_fn(model, mesh, flips=False)
 
   expected = per_batch_scores(fn, variables, ds.eval_batches(32), mesh)
-  scores = evaluate.scores_in_chunks(fn, variables, ds.eval_batches(32), mesh, 2, chunk_rows)
+  scores = evaluation.scores_in_chunks(fn, variables, ds.eval_batches(32), mesh, 2, chunk_rows)
   assert scores.shape == (100, config.model.num_classes)
   np.testing.assert_array_equal(scores, expected)
-  assert evaluate.errors(scores, ds.eval_labels) == evaluate.errors(expected, ds.eval_labels)
+  assert evaluation.errors(scores, ds.eval_labels) == evaluation.errors(expected, ds.eval_labels)
   # and through the public entry point, with the default chunk
-  public, labels = evaluate.evaluate_scores('1crop', model, variables, ds, config, mesh)
+  public, labels = evaluation.evaluate_scores('1crop', model, variables, ds, config, mesh)
   np.testing.assert_array_equal(public, expected)
   np.testing.assert_array_equal(labels, ds.eval_labels)

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from helpers import as_flags, run_cli, small_run, write_image_folder
 
-from resnet_jax import bn_stats, checkpointing, data, defaults, optim, train, validate
+from resnet_jax import checkpointing, data, defaults, exact_bn, optim, train, validate
 
 
 @pytest.mark.slow
@@ -73,7 +73,7 @@ def test_evaluate_prints_only_its_json(tmp_path):
   """Library log lines go to stderr, so the tool's output can be piped."""
   train.train_and_evaluate(small_run(), str(tmp_path))
   result = subprocess.run(
-    [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={tmp_path}'],
+    [sys.executable, '-m', 'resnet_jax.tools.evaluate', f'--workdir={tmp_path}'],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -93,7 +93,7 @@ def test_results_report_both_bn_statistics_and_the_time_of_every_segment(tmp_pat
   assert results['wall_time_s'] == pytest.approx(sum(s['wall_time_s'] for s in segments))
   assert results['bn_statistics'] == 'moving_average'
   assert results['test_error'] == results['test_error_moving_average_bn']
-  recomputed = bn_stats.recalibrate_workdir(str(tmp_path), num_images=64)  # the same 64 images
+  recomputed = exact_bn.recalibrate_workdir(str(tmp_path), num_images=64)  # the same 64 images
   assert results['test_error_exact_bn'] == pytest.approx(
     recomputed['recomputed']['error'], abs=1e-6
   )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import data as data_lib
-from resnet_jax import defaults, evaluate, models, optim, parallel, train
+from resnet_jax import defaults, evaluation, models, optim, parallel, train
 from resnet_jax.data import imagenet
 
 tf = pytest.importorskip('tensorflow')
@@ -150,7 +150,7 @@ def test_multiscale_averages_scales_and_flips(imagenet_sample_folder, tmp_path):
   ds = data_lib.load(config.data, 0)
   model, variables = _tiny_model_variables()
   mesh = parallel.make_mesh()
-  scores, labels = evaluate.evaluate_scores('multiscale', model, variables, ds, config, mesh)
+  scores, labels = evaluation.evaluate_scores('multiscale', model, variables, ds, config, mesh)
   mean = ds.mean_image.mean(axis=(0, 1))
   expected = []
   for i in range(9):
@@ -164,7 +164,7 @@ def test_multiscale_averages_scales_and_flips(imagenet_sample_folder, tmp_path):
     expected.append(np.mean(per_view, axis=0))
   np.testing.assert_allclose(scores, np.stack(expected), atol=1e-5)
   assert labels.tolist() == ds.eval_labels.tolist()
-  result = evaluate.errors(scores, labels)
+  result = evaluation.errors(scores, labels)
   assert result['count'] == 9 and 0 <= result['top5_error'] <= result['top1_error'] <= 1
 
 
@@ -179,7 +179,7 @@ def test_evaluate_cli_refuses_ten_crops_of_cifar(tmp_path):
     [
       sys.executable,
       '-m',
-      'resnet_jax.evaluate',
+      'resnet_jax.tools.evaluate',
       '--config=configs/cifar10_20.py',
       f'--workdir={tmp_path}',
       '--mode=10crop',

@@ -11,7 +11,7 @@ import pytest
 from helpers import model_config, random_variables
 from jax import ad_checkpoint
 
-from resnet_jax import defaults, models, summary
+from resnet_jax import complexity, defaults, models
 
 
 def param_shapes(config, size, batch=1):
@@ -87,7 +87,7 @@ TABLE1_GFLOPS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}
 
 @pytest.mark.parametrize('depth', sorted(TABLE1_GFLOPS))
 def test_imagenet_macs_are_table1s(depth):
-  _, _, macs = summary.count(model_config('imagenet', depth, shortcut='B'))
+  _, _, macs = complexity.count(model_config('imagenet', depth, shortcut='B'))
   assert macs == analytic_macs(depth)
   assert (
     abs(macs / 1e9 - TABLE1_GFLOPS[depth]) / TABLE1_GFLOPS[depth] < 0.02
@@ -96,8 +96,8 @@ def test_imagenet_macs_are_table1s(depth):
 
 def test_v1_5_moves_the_stride_and_costs_more():
   # torchvision's resnet50 (stride on the 3x3) is the familiar 4.09 GMACs; v1 saves the 3x3 at full size.
-  _, params_v15, macs_v15 = summary.count(model_config('imagenet', 50, stride_on_3x3=True))
-  _, params_v1, macs_v1 = summary.count(model_config('imagenet', 50))
+  _, params_v15, macs_v15 = complexity.count(model_config('imagenet', 50, stride_on_3x3=True))
+  _, params_v1, macs_v1 = complexity.count(model_config('imagenet', 50))
   assert params_v15 == params_v1
   assert abs(macs_v15 / 1e9 - 4.089) < 0.01 and macs_v1 < macs_v15
 
@@ -255,7 +255,7 @@ def test_summary_cli(tmp_path):
 
   run = lambda *a: (
     subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.summary', '--config=configs/cifar10_20.py', *a],
+      [sys.executable, '-m', 'resnet_jax.tools.summary', '--config=configs/cifar10_20.py', *a],
       cwd=REPO,
       capture_output=True,
       text=True,
@@ -266,7 +266,7 @@ def test_summary_cli(tmp_path):
   assert {k: report[k] for k in ('model', 'params', 'macs')} == {
     'model': 'cifar10_20',
     'params': 269_722,
-    'macs': summary.count(defaults.get_config())[2],
+    'macs': complexity.count(defaults.get_config())[2],
   }
   assert (
     len(report['layers']) == 21 and report['layers'][-1]['path'] == 'fc'
@@ -397,14 +397,14 @@ def test_resnet1202_scanned_train_step_is_resnet110s_program():
 
 @pytest.mark.parametrize('family,depth', [('cifar', 110), ('imagenet', 50)])
 def test_summary_counts_do_not_change_with_scanned_blocks(family, depth):
-  _, params, macs = summary.count(model_config(family, depth))
-  _, params_scan, macs_scan = summary.count(model_config(family, depth, scan_blocks=True))
+  _, params, macs = complexity.count(model_config(family, depth))
+  _, params_scan, macs_scan = complexity.count(model_config(family, depth, scan_blocks=True))
   assert (params_scan, macs_scan) == (params, macs)
 
 
 def test_bn_stats_recompute_under_scanned_blocks():
   """bn_stats maps each stacked 'bn_moments' entry to the stacked batch_stats of the same blocks."""
-  from resnet_jax import bn_stats, parallel
+  from resnet_jax import exact_bn, parallel
 
   def net(scan):
     return models.ResNet(
@@ -423,11 +423,11 @@ def test_bn_stats_recompute_under_scanned_blocks():
   variables = random_variables(shapes)
   mesh = parallel.make_mesh(jax.devices()[:4])
   placed = [parallel.to_global({'image': b}, mesh) for b in batches]
-  expected = bn_stats.recompute(
+  expected = exact_bn.recompute(
     net(False), variables['params'], variables['batch_stats'], placed, mesh
   )
   stacked = [models.stack_blocks(variables[k]) for k in ('params', 'batch_stats')]
-  actual = bn_stats.recompute(net(True), *stacked, placed, mesh)
+  actual = exact_bn.recompute(net(True), *stacked, placed, mesh)
   assert actual['stage2_block2to3']['bn1']['mean'].shape == (2, 8)
   actual, expected = jax.device_get((models.unstack_blocks(actual), expected))
   _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6)

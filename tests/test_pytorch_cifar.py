@@ -10,7 +10,7 @@ import pytest
 from conftest import SHARED_DATA
 from test_pretrained import assert_one_sentence
 
-from resnet_jax import checkpointing, evaluate, models, parallel, pretrained
+from resnet_jax import checkpointing, evaluation, models, parallel, pretrained
 
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
@@ -241,7 +241,7 @@ def test_released_weights_on_the_real_test_set(
   max_diff = float(np.abs(ours - theirs[:1000]).max())
   assert max_diff < 1e-4
 
-  result = evaluate.evaluate_workdir(workdir, '1crop', mesh=parallel.make_mesh())
+  result = evaluation.evaluate_workdir(workdir, '1crop', mesh=parallel.make_mesh())
   their_errors = int((theirs.argmax(1) != ds.eval_labels).sum())
   our_errors = round(result['top1_error'] * 10_000)
   print(
@@ -262,7 +262,7 @@ def _converted_workdir(tmp_path, net):
 def test_predict_names_cifar_classes_with_pytorchs_probabilities(images, tmp_path):
   from PIL import Image
 
-  from resnet_jax import predict
+  from resnet_jax import prediction
 
   net = random_net(20, seed=2)
   workdir = _converted_workdir(tmp_path, net)
@@ -271,7 +271,7 @@ def test_predict_names_cifar_classes_with_pytorchs_probabilities(images, tmp_pat
     paths.append(str(tmp_path / f'{i}.png'))
     Image.fromarray(image).save(paths[-1])
   Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / 'big.png')
-  results, failed = predict.classify(
+  results, failed = prediction.classify(
     checkpointing.open_workdir(workdir), [*paths, str(tmp_path / 'big.png')], 3
   )
   assert failed == [
@@ -296,7 +296,7 @@ def test_convert_and_predict_clis(images, tmp_path):
   torch.save(as_released(random_net(20, seed=3)), tmp_path / 'resnet20.th')
   workdir = tmp_path / 'w'
   run = lambda module, *args: subprocess.run(  # noqa: E731
-    [sys.executable, '-m', f'resnet_jax.{module}', *map(str, args)],
+    [sys.executable, '-m', f'resnet_jax.tools.{module}', *map(str, args)],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -344,7 +344,7 @@ def test_finetuning_from_a_converted_model_feeds_it_its_input(tmp_path):
   assert results['steps'] == 2
   run = checkpointing.open_workdir(tmp_path / 'finetuned')
   ds = data_lib.load(run.config.data, run.config.seed)
-  scores, labels = evaluate.evaluate_scores(
+  scores, labels = evaluation.evaluate_scores(
     '1crop', models.create(run.config.model), run.variables, ds, run.config, parallel.make_mesh()
   )
   theirs = torch.softmax(torch.from_numpy(torch_logits(net, ds.eval_images)), -1).numpy()

@@ -177,7 +177,7 @@ def test_convert_cli_takes_a_cached_pretrained_file_and_says_which_extra(tmp_pat
   cache.mkdir()
   shutil.copy(source, cache / source.name)
   env = {**os.environ, registry.CACHE_ENV: str(cache), 'JAX_PLATFORMS': 'cpu'}
-  command = [sys.executable, '-m', 'resnet_jax.convert', '--pretrained=cifar10_resnet20']
+  command = [sys.executable, '-m', 'resnet_jax.tools.convert', '--pretrained=cifar10_resnet20']
   result = subprocess.run(
     [*command, f'--workdir={tmp_path / "w"}'], cwd=REPO, env=env, capture_output=True, text=True
   )
@@ -189,7 +189,7 @@ def test_convert_cli_takes_a_cached_pretrained_file_and_says_which_extra(tmp_pat
   code = (
     'import runpy, sys; sys.modules["torch"] = None\n'
     f'sys.argv = {argv!r}\n'
-    'runpy.run_module("resnet_jax.convert", run_name="__main__")\n'
+    'runpy.run_module("resnet_jax.tools.convert", run_name="__main__")\n'
   )
   result = subprocess.run(
     [sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True

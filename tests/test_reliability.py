@@ -285,7 +285,7 @@ def test_readers_beside_a_writer_read_complete_steps_and_leave_it_alone(tmp_path
   with pytest.raises(workdir_lock.WorkdirLocked, match=f'being trained by pid {writer.pid} '):
     train.train_and_evaluate(config, str(workdir))  # a second training, refused at once
   evaluate = subprocess.Popen(
-    [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}'],
+    [sys.executable, '-m', 'resnet_jax.tools.evaluate', f'--workdir={workdir}'],
     cwd=REPO,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from helpers import checkpoint_steps, small_run
 
-from resnet_jax import checkpointing, evaluate, models, train
+from resnet_jax import checkpointing, evaluation, models, train
 
 PACKAGE = REPO / 'resnet_jax'
 
@@ -98,7 +98,7 @@ def test_evaluating_a_damaged_run_changes_nothing(tmp_path):
   for p in data_files:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
   before = _snapshot(tmp_path)
-  result = evaluate.evaluate_workdir(str(tmp_path), '1crop')
+  result = evaluation.evaluate_workdir(str(tmp_path), '1crop')
   assert result['step'] == 3
   after = _snapshot(tmp_path)
   assert after.pop('eval_1crop.json')  # the tool's own output, and nothing else
@@ -156,8 +156,9 @@ def test_importing_the_tools_imports_no_torch():
   """The base install has no torch: every command imports without it."""
   code = (
     'import sys; sys.modules["torch"] = None; sys.modules["torchvision"] = None\n'
-    'from resnet_jax import convert, evaluate, main, predict, pretrained, registry, summary, train\n'
-    'from resnet_jax import data, finetune, diagram, bn_stats\n'
+    'from resnet_jax import main, pretrained, registry, train\n'
+    'from resnet_jax import complexity, data, diagram, evaluation, exact_bn, finetune, prediction\n'
+    'from resnet_jax.tools import bn_stats, cli, convert, evaluate, predict, summary\n'
   )
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]

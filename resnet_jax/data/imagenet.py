@@ -104,7 +104,7 @@ def fixed_mean_image(cfg) -> np.ndarray | None:
     except (OSError, ValueError) as e:
       raise DataError(
         f'cannot read data.mean_image_file={path} ({type(e).__name__}): pass the mean image '
-        '(.npy) written by resnet_jax.convert.'
+        '(.npy) written by resnet_jax.tools.convert.'
       ) from None
     if mean.shape != (crop, crop, 3):
       raise DataError(

@@ -1,13 +1,13 @@
 """Released ResNet weights (the paper's Caffe models, torchvision's, pytorch_resnet_cifar10's) into a
 workdir every tool reads.
 
-  python -m resnet_jax.convert --format=caffe --weights=ResNet-50-model.caffemodel \
+  python -m resnet_jax.tools.convert --format=caffe --weights=ResNet-50-model.caffemodel \
       --mean=ResNet_mean.binaryproto --depth=50 --workdir=runs/caffe_resnet50
-  python -m resnet_jax.convert --format=torchvision --weights=resnet50-0676ba61.pth --depth=50 \
+  python -m resnet_jax.tools.convert --format=torchvision --weights=resnet50-0676ba61.pth --depth=50 \
       --workdir=runs/torchvision_resnet50
-  python -m resnet_jax.convert --format=pytorch_resnet_cifar10 --weights=resnet20-12fca82f.th \
+  python -m resnet_jax.tools.convert --format=pytorch_resnet_cifar10 --weights=resnet20-12fca82f.th \
       --workdir=runs/cifar10_resnet20
-  python -m resnet_jax.convert --pretrained=cifar10_resnet20 --workdir=runs/cifar10_resnet20
+  python -m resnet_jax.tools.convert --pretrained=cifar10_resnet20 --workdir=runs/cifar10_resnet20
 
 The workdir's config is get_imagenet_config() (CIFAR: configs/cifar10_<depth>.py; or --config, with
 --config.data.* saying where the images are) with the weights' model fields and their framework's
@@ -18,7 +18,8 @@ one sentence and leave the workdir as it was.
 
 import sys
 
-from resnet_jax import cli, registry
+from resnet_jax import registry
+from resnet_jax.tools import cli
 
 FORMATS = (
   'caffe',

@@ -4,20 +4,17 @@
 module calls under jax.eval_shape. MACs come from each kernel's and output's shapes: XLA's cost
 analysis skips the padded taps of a conv and comes out ~8 percent low against the paper's Table 1.
 
-  python -m resnet_jax.summary --config=configs/imagenet_resnet50.py [--json] [--diagram=fig.svg]
-  python -m resnet_jax.summary --workdir=DIR   # a run's or a converted model's config.json
+The command resnet_jax.tools.summary prints them, for a config file or a workdir.
 """
 
 import dataclasses
-import json
-import sys
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import cli, diagram, models
+from resnet_jax import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,41 +249,3 @@ def as_json(network):
     'layers': [dataclasses.asdict(layer) for layer in network.layers],
     'blocks': [dataclasses.asdict(block) for block in network.blocks],
   }
-
-
-def main(argv):
-  cli.no_arguments(
-    argv, '--config or --workdir, --json, --diagram, --collapse and --config.<field>=<value>'
-  )
-  from absl import flags
-
-  if flags.FLAGS.workdir:
-    config = cli.config_or_workdir(flags.FLAGS.workdir)
-  elif flags.FLAGS.config is not None:
-    config = flags.FLAGS.config
-  else:
-    cli.fail('pass --config=configs/<experiment>.py or the --workdir of a run or converted model.')
-  network = walk(config)
-  if flags.FLAGS.diagram:
-    diagram.write(network, flags.FLAGS.diagram, collapse=flags.FLAGS.collapse)
-    print(f'wrote {flags.FLAGS.diagram}', file=sys.stderr)
-  if flags.FLAGS.json:
-    print(json.dumps(as_json(network)))
-    return
-  print(table(network))
-  size = f'{input_shape(config)[1]}x{input_shape(config)[2]}'
-  print(
-    f'{network.name}: {network.params:,} trainable parameters, {network.macs / 1e9:.3f} G '
-    f'multiply-accumulates per {size} image'
-  )
-
-
-if __name__ == '__main__':
-  from absl import flags
-
-  cli.define_config_flag(required=False)
-  flags.DEFINE_string('workdir', None, "A run's or converted model's workdir: its config.json.")
-  flags.DEFINE_bool('json', False, 'Print {"model", "params", "macs", "layers"} as JSON.')
-  flags.DEFINE_string('diagram', None, "Also draw the network as the paper's Fig. 3 into this SVG.")
-  flags.DEFINE_bool('collapse', None, 'Draw runs of identical blocks once; default: when deep.')
-  cli.run(main)

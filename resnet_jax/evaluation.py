@@ -1,7 +1,5 @@
 """The paper's ImageNet test protocols on a workdir's latest checkpoint: 1-crop, 10-crop and multi-scale.
 
-  python -m resnet_jax.evaluate --workdir=DIR --mode=10crop [--config=configs/imagenet_resnet50.py]
-
 '1crop': shorter side 256, the centre 224 crop. '10crop': the four corners and the centre and their flips,
 softmax scores averaged (the paper's comparisons, Tables 2-4). 'multiscale': the fully-convolutional form
 (Table 4's best results): the whole image at shorter sides data.eval_scales = {224, 256, 384, 480, 640} and
@@ -9,12 +7,10 @@ its flip, scores averaged over scales and flips. Whole images vary in shape, so 
 nearest of a few aspect ratios (imagenet_input.ASPECTS, at most ~7 percent stretch) and images of one shape are
 batched together: one compilation per (scale, shape). Top-1 and top-5 errors count every evaluation image
 exactly once (the last batch is padded and masked). It reads the newest complete checkpoint and changes
-nothing in the workdir but writing DIR/eval_<mode>.json; the config is the workdir's unless --config is given.
+nothing in the workdir but writing DIR/eval_<mode>.json. The command is resnet_jax.tools.evaluate.
 """
 
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +18,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import checkpointing, cli, models, parallel
+from resnet_jax import checkpointing, models, parallel
 from resnet_jax import data as data_lib
 from resnet_jax.data import imagenet
+from resnet_jax.workdir import Workdir
 
 MODES = ('1crop', '10crop', 'multiscale')
 
@@ -153,42 +150,6 @@ def evaluate_workdir(workdir, mode, config=None, mesh=None) -> dict:
   if mode == 'multiscale':
     result['scales'] = list(config.data.eval_scales)
   if jax.process_index() == 0:
-    with open(os.path.join(run.workdir, f'eval_{mode}.json'), 'w') as f:
+    with open(Workdir(run.workdir).evaluation(mode), 'w') as f:
       json.dump(result, f, indent=2)
   return result
-
-
-def main(argv):
-  cli.no_arguments(argv, '--workdir, --mode, --config and --config.<field>=<value>')
-  from absl import flags
-
-  from resnet_jax import validate
-
-  workdir, mode = flags.FLAGS.workdir, flags.FLAGS.mode
-  config = cli.config_or_workdir(workdir)
-  try:
-    validate.check(config)
-  except validate.ConfigError as e:
-    cli.fail(str(e))
-  if mode != '1crop' and not data_lib.streamed(config.data):
-    cli.fail(
-      f'--mode={mode} needs ImageNet images (data.name=imagenet2012 with data.source tfds or '
-      'image_folder); CIFAR and synthetic data have one view: use --mode=1crop.'
-    )
-  cli.initialize_distributed()
-  try:
-    data_lib.check(config.data)
-    print(json.dumps(evaluate_workdir(workdir, mode, config)))
-  except (data_lib.DataError, FileNotFoundError) as e:
-    cli.fail(str(e))
-  sys.stdout.flush()
-
-
-if __name__ == '__main__':
-  from absl import flags
-
-  cli.define_config_flag(required=False)
-  cli.define_workdir_flag('The workdir of a training run (its config.json and checkpoints).')
-  cli.define_distributed_flags()
-  flags.DEFINE_enum('mode', '1crop', MODES, 'The test protocol: 1crop, 10crop or multiscale.')
-  cli.run(main)

@@ -2,24 +2,17 @@
 (ImageNet: the 1-crop view, shorter side data.eval_resize and the centre data.image_size crop; CIFAR:
 the whole image, which must be data.image_size square).
 
-  python -m resnet_jax.predict --workdir=DIR IMAGE [IMAGE ...] [--top=5] [--json]
-
 For each image, its top classes: WordNet id (ImageNet), class name and probability. An image that cannot be read or
-decoded is named in one line on stderr and the others are still classified; the exit code is then 2. The
-workdir is only read.
+decoded is named with its problem and the others are still classified. The workdir is only read; the
+mean image is the one training saved there. The command is resnet_jax.tools.predict.
 """
-
-import json
-import os
-import sys
-
-from resnet_jax import cli
 
 BATCH = 32  # images per forward pass
 
 
 def mean_image(config):
-  """The config's fixed mean image, else the one computed (and cached) from its training images."""
+  """The config's fixed mean image (a converted model's, or the one training saved in the workdir), else
+  the one computed (and cached) from its training images."""
   from resnet_jax import data as data_lib
   from resnet_jax.data import imagenet
 
@@ -128,43 +121,3 @@ def as_text(results):
     for c in result['top']:
       lines.append(f'  {c["probability"]:.4f}  {c["wnid"] or c["label"]}  {c["name"]}')
   return '\n'.join(lines)
-
-
-def main(argv):
-  from absl import flags
-
-  from resnet_jax import checkpointing
-  from resnet_jax import data as data_lib
-
-  FLAGS = flags.FLAGS
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ notices about each decode
-  paths = argv[1:]
-  if not paths:
-    cli.fail('no images given: pass one or more image paths after the flags.')
-  if FLAGS.top < 1:
-    cli.fail(f'--top={FLAGS.top} must be a positive number of classes.')
-  try:
-    run = checkpointing.open_workdir(FLAGS.workdir)
-  except FileNotFoundError as e:
-    cli.fail(str(e))
-  try:
-    results, failed = classify(run, paths, FLAGS.top)
-  except data_lib.DataError as e:
-    cli.fail(str(e))
-  for path, problem in failed:
-    print(f'error: {path} {problem}', file=sys.stderr)
-  print(json.dumps(results, indent=2) if FLAGS.json else as_text(results))
-  sys.stdout.flush()
-  if failed:
-    sys.exit(2)
-
-
-if __name__ == '__main__':
-  from absl import flags
-
-  cli.define_workdir_flag('A converted or trained workdir (config.json + checkpoints).')
-  flags.DEFINE_integer('top', 5, 'Classes to print per image.')
-  flags.DEFINE_bool(
-    'json', False, 'Print a JSON list of {"image", "top": [{label, wnid, name, probability}]}.'
-  )
-  cli.run(main)

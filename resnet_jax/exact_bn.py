@@ -6,14 +6,12 @@ with its batch's statistics, as in training) over K training images with the tra
 updating weights; every BN layer's mean is the average of its batch means and its variance the average of
 its batch mean squares minus the mean squared: the exact moments over all K images.
 
-  python -m resnet_jax.bn_stats --workdir=DIR [--num_images=10000]   # on the newest checkpoint
-
-The command reads the run (never changes its checkpoints) and writes only its own outputs: bn_stats.json
-and the recomputed state under bn_recomputed/<step>/.
+Training's end-of-run pass calls `recompute`; `recalibrate_workdir` (the command resnet_jax.tools.bn_stats)
+reads a run, never changes its checkpoints, and writes only its own outputs: bn_stats.json and the
+recomputed state under bn_recomputed/<step>/.
 """
 
 import json
-import os
 from typing import Iterator
 
 import flax
@@ -22,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import checkpointing, cli, data, evaluate, models, parallel
+from resnet_jax import checkpointing, data, evaluation, models, parallel
+from resnet_jax.workdir import Workdir
 
 
 def recompute(model, params, batch_stats, batches, mesh):
@@ -80,29 +79,30 @@ def _first(gen, n):
 
 def _errors(scores, labels) -> dict:
   loss = float(np.mean(-np.log(np.maximum(scores[np.arange(len(labels)), labels], 1e-30))))
-  errors = evaluate.errors(scores, labels)
+  errors = evaluation.errors(scores, labels)
   return {'error': errors['top1_error'], 'loss': loss, **errors}
 
 
-def recalibrate_workdir(workdir, num_images, mesh=None) -> dict:
-  """Exact BN statistics on the newest checkpoint of `workdir`: the bn_stats.json report."""
+def recalibrate_workdir(workdir, num_images, config=None, mesh=None) -> dict:
+  """Exact BN statistics on the newest checkpoint of `workdir` (with `config`, else its own): the
+  report, also written to bn_stats.json."""
   mesh = parallel.make_mesh() if mesh is None else mesh
-  run = checkpointing.open_workdir(workdir)
+  run = checkpointing.open_workdir(workdir, config)
   config = run.config
   ds = data.load(config.data, config.seed)
   model = models.create(config.model, bn_axis_name=parallel.AXIS)
   variables = jax.device_put(run.variables, parallel.replicated(mesh))
-  before = evaluate.evaluate_scores('1crop', model, variables, ds, config, mesh)
+  before = evaluation.evaluate_scores('1crop', model, variables, ds, config, mesh)
   batches = parallel.prefetch(training_batches(ds, config, num_images), mesh, config.data.prefetch)
   stats = recompute(model, variables['params'], variables['batch_stats'], batches, mesh)
-  after = evaluate.evaluate_scores(
+  after = evaluation.evaluate_scores(
     '1crop', model, {**variables, 'batch_stats': stats}, ds, config, mesh
   )
-  out = os.path.join(run.workdir, 'bn_recomputed', str(run.step))
+  out = Workdir(run.workdir).bn_recomputed(run.step)
   with ocp.StandardCheckpointer() as checkpointer:  # leaving waits for the asynchronous write
     checkpointer.save(out, {**run.state, 'batch_stats': stats}, force=True)
   held = 'recomputed_after_training' if config.train.recompute_bn_stats else 'moving_average'
-  return {
+  report = {
     'step': run.step,
     'num_images': num_images,
     'split': ds.eval_split,
@@ -110,24 +110,7 @@ def recalibrate_workdir(workdir, num_images, mesh=None) -> dict:
     'recomputed': _errors(*after),
     'recomputed_checkpoint': out,
   }
-
-
-def main(argv):
-  cli.no_arguments(argv, '--workdir and --num_images')
-  from absl import flags
-
-  try:
-    report = recalibrate_workdir(flags.FLAGS.workdir, flags.FLAGS.num_images)
-  except (FileNotFoundError, ValueError) as e:
-    cli.fail(str(e))
-  with open(os.path.join(os.path.abspath(flags.FLAGS.workdir), 'bn_stats.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  print(json.dumps(report))
-
-
-if __name__ == '__main__':
-  from absl import flags
-
-  cli.define_workdir_flag('A training workdir (config.json + checkpoints).')
-  flags.DEFINE_integer('num_images', 10_000, 'Training images to average the statistics over.')
-  cli.run(main)
+  if jax.process_index() == 0:
+    with open(Workdir(run.workdir).bn_stats, 'w') as f:
+      json.dump(report, f, indent=2)
+  return report

@@ -2,11 +2,13 @@
 
 Each tool defines its own flags with these helpers and runs `cli.run(main)`:
 
-  cli.define_config_flag(required=True)
+  cli.define_config_flag(required=False, from_workdir=True)
   cli.define_workdir_flag('...')
   cli.run(main)
 
-Mistakes in the config file or its overrides end in one line on stderr and exit code 2, never a traceback.
+A tool that reads a run takes the config of its --workdir when no --config is given, and
+--config.<field>=<value> overrides apply to that config. Mistakes in the config file or its overrides end
+in one line on stderr and exit code 2, never a traceback.
 """
 
 import difflib
@@ -17,7 +19,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from resnet_jax.workdir import Workdir
+
 FLAGS = flags.FLAGS
+# The config file that loads a workdir's config.json: --config=WORKDIR_CONFIG:<workdir>.
+WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workdir_config.py')
+_config_from_workdir = False  # set by define_config_flag(from_workdir=True)
 
 
 def fail(message):
@@ -25,7 +32,10 @@ def fail(message):
   sys.exit(2)
 
 
-def define_config_flag(required: bool):
+def define_config_flag(required: bool, from_workdir: bool = False):
+  """--config=FILE; with `from_workdir`, a tool reading --workdir defaults to that run's config."""
+  global _config_from_workdir
+  _config_from_workdir = from_workdir
   config_flags.DEFINE_config_file(
     'config',
     None,
@@ -76,20 +86,39 @@ def quiet_libraries():
 
 
 def config_or_workdir(workdir):
-  """The --config file when given, else the config the workdir was trained with."""
-  from resnet_jax import defaults  # after flag parsing
-
-  if FLAGS.config is not None:
-    return FLAGS.config
-  if not os.path.isfile(os.path.join(os.path.expanduser(workdir), 'config.json')):
+  """The --config file when given, else the config the workdir was trained with (with any
+  --config.<field> overrides), reading the preprocessing statistics training saved there."""
+  if FLAGS.config is None:
     fail(f'{workdir} holds no config.json: pass the --workdir of a training run, or --config.')
-  return defaults.from_workdir(workdir)
+  return Workdir(workdir).with_saved_statistics(FLAGS.config)
+
+
+def _flag_value(argv, name):
+  """The value of --name=V or --name V in argv, else None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _with_workdir_config(argv):
+  """argv with --config=<the workdir's config> first when a tool reading a run is given a --workdir
+  that holds config.json but no --config: its --config.<field> overrides then apply to that config."""
+  if not _config_from_workdir or any(a == '--config' or a.startswith('--config=') for a in argv):
+    return argv
+  workdir = _flag_value(argv, 'workdir')
+  if not workdir or not Workdir(workdir).has_config():
+    return argv
+  return [argv[0], f'--config={WORKDIR_CONFIG}:{workdir}', *argv[1:]]
 
 
 def parse_flags(argv):
   """absl flag parsing, with config-file and override mistakes reported in one line."""
+  argv = _with_workdir_config(argv)
   path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if path and not os.path.isfile(path):
+  if path and not path.startswith(f'{WORKDIR_CONFIG}:') and not os.path.isfile(path):
     fail(
       f'the config file {path} does not exist: pass one of the files in configs/, e.g. '
       '--config=configs/cifar10_20.py.'
@@ -104,20 +133,30 @@ def parse_flags(argv):
       name, closest = unknown
       hint = f'did you mean --{closest}? ' if closest else ''
       fail(
-        f'--{name} is not a field of the config {path}: {hint}see the fields in '
+        f'--{name} is not a field of the config {_config_name(path)}: {hint}see the fields in '
         'resnet_jax/defaults.py.'
       )
-    fail(f'cannot load the config {path}: {type(e).__name__}: {str(e).splitlines()[0]}')
+    fail(
+      f'cannot load the config {_config_name(path)}: {type(e).__name__}: {str(e).splitlines()[0]}'
+    )
+
+
+def _config_name(path):
+  """The config file, or the workdir whose config.json it is."""
+  if path and path.startswith(f'{WORKDIR_CONFIG}:'):
+    return f'of {path.split(":", 1)[1]} (its config.json)'
+  return path
 
 
 def _unknown_override(path, argv):
   """(name, the closest existing field or None) of the first --config.a.b=... whose field does not
   exist in the config file, if any."""
   try:
-    spec = importlib.util.spec_from_file_location('config_module', path)
+    file, *args = path.split(':', 1)
+    spec = importlib.util.spec_from_file_location('config_module', file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(*args)
   except Exception:  # noqa: BLE001
     return None
   for arg in argv:
