@@ -9,7 +9,7 @@ setuptools.setup(
   name='resnet_jax',
   version='0.1.0',
   description='Reproduce "Deep Residual Learning for Image Recognition" with JAX and Flax.',
-  packages=['resnet_jax', 'resnet_jax.data'],
+  packages=['resnet_jax', 'resnet_jax.data', 'resnet_jax.tools'],
   python_requires='>=3.10',
   install_requires=[
     'absl-py',
