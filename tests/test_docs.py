@@ -45,6 +45,8 @@ EXTERNAL_PYTHON_MODULES = {'venv', 'pytest', 'pip'}
 # Variables a block may use without setting them: the shell's, and the device tool's output folder.
 ENVIRONMENT = {'PWD', 'HOME', 'OUT'}
 
+FROM_WORKDIR = 'config from the workdir'  # not a flag: the tool reads its --workdir's config.json
+
 # Run in a fresh interpreter: each tool executed as __main__ until it hands its main to cli.run, which
 # reports the flags defined by then; the tool's own flags are removed before the next tool defines its own.
 _TOOL_FLAGS = """
@@ -66,13 +68,16 @@ for tool in sys.argv[1:]:
     runpy.run_module('resnet_jax.' + tool, run_name='__main__', alter_sys=True)
   except Reported:
     result[tool] = {name: flags.FLAGS[name].boolean for name in flags.FLAGS}
+    if cli.config_from_workdir:  # --config.<field> overrides apply to its --workdir's config
+      result[tool][FROM_WORKDIR] = False
+  cli.config_from_workdir = False
   for module, module_flags in list(flags.FLAGS.flags_by_module_dict().items()):
     if 'resnet_jax' in module:  # the tool's file or cli: not the libraries' own flags
       for flag in list(module_flags):
         if flag.name in flags.FLAGS:
           delattr(flags.FLAGS, flag.name)
 print('FLAGS ' + json.dumps(result))
-"""
+""".replace('FROM_WORKDIR', repr(FROM_WORKDIR))
 
 # The same for the experiment scripts: each parser's option strings, at the moment it parses.
 _SCRIPT_OPTIONS = """
@@ -325,8 +330,10 @@ def problems(argv):
     if tool and name.startswith('config.'):
       if 'config' not in accepted:
         found.append(f'{tool} takes no --config, so no {argument}')
-      elif config_path is None and not any(a.startswith('--workdir') for a in arguments):
-        found.append(f'{argument} without a --config=PATH or a --workdir to override')
+      elif config_path is None and not (
+        FROM_WORKDIR in accepted and any(a.startswith('--workdir') for a in arguments)
+      ):
+        found.append(f"{argument} without a --config=PATH (or a run's --workdir) to override")
       elif config_path is None or (REPO / config_path).is_file():
         # Without --config, a tool overrides the workdir's config.json, read on today's defaults.
         node = defaults.get_config() if config_path is None else config_of(config_path)

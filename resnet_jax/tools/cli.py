@@ -24,7 +24,7 @@ from resnet_jax.workdir import Workdir
 FLAGS = flags.FLAGS
 # The config file that loads a workdir's config.json: --config=WORKDIR_CONFIG:<workdir>.
 WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workdir_config.py')
-_config_from_workdir = False  # set by define_config_flag(from_workdir=True)
+config_from_workdir = False  # set by define_config_flag(from_workdir=True)
 
 
 def fail(message):
@@ -34,8 +34,8 @@ def fail(message):
 
 def define_config_flag(required: bool, from_workdir: bool = False):
   """--config=FILE; with `from_workdir`, a tool reading --workdir defaults to that run's config."""
-  global _config_from_workdir
-  _config_from_workdir = from_workdir
+  global config_from_workdir
+  config_from_workdir = from_workdir
   config_flags.DEFINE_config_file(
     'config',
     None,
@@ -106,7 +106,7 @@ def _flag_value(argv, name):
 def _with_workdir_config(argv):
   """argv with --config=<the workdir's config> first when a tool reading a run is given a --workdir
   that holds config.json but no --config: its --config.<field> overrides then apply to that config."""
-  if not _config_from_workdir or any(a == '--config' or a.startswith('--config=') for a in argv):
+  if not config_from_workdir or any(a == '--config' or a.startswith('--config=') for a in argv):
     return argv
   workdir = _flag_value(argv, 'workdir')
   if not workdir or not Workdir(workdir).has_config():
