@@ -103,6 +103,7 @@ def test_help_prints_the_docstring_as_written():
     result.stdout[:2000]
   )
   assert 'resnet_jax/tools/evaluate.py' not in result.stdout.split('flags:')[0]
-  for path in sorted((REPO / 'resnet_jax').rglob('*.py')):  # and no other tool has one
+  tools = [REPO / 'resnet_jax' / 'main.py', *sorted((REPO / 'resnet_jax' / 'tools').glob('*.py'))]
+  for path in tools:  # and no other tool has one
     docstring = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ''
     assert '%' not in docstring, f'{path.name}: write "percent" instead of %'

@@ -110,6 +110,8 @@ def _with_workdir_config(argv):
     return argv
   workdir = _flag_value(argv, 'workdir')
   if not workdir or not Workdir(workdir).has_config():
+    if workdir and any(a.startswith('--config.') for a in argv):
+      fail(f'{workdir} holds no config.json to override: pass the --workdir of a run, or --config.')
     return argv
   return [argv[0], f'--config={WORKDIR_CONFIG}:{workdir}', *argv[1:]]
 
