@@ -483,7 +483,7 @@ def _first_line(error) -> str:
   return re.sub(r'\s*\[Op:\w+\].*$', '', lines[0]).strip()
 
 
-def bad_image(tf, split, index, seeds, view, error) -> DataError:
+def _bad_image(tf, split, index, seeds, view, error) -> DataError:
   """The DataError naming the first example of a failed batch that `view` cannot make, found by making
   them again one at a time (tf.data's error does not say which file it was reading)."""
   for i, seed in zip(index, seeds):
@@ -499,10 +499,9 @@ def bad_image(tf, split, index, seeds, view, error) -> DataError:
       )
     try:
       view(tf, tf.constant(data), tf.constant(seed, tf.int64))
-    except tf.errors.OpError as e:
-      return DataError(
-        f'cannot decode image {name} ({_first_line(e)}); replace or delete the file.'
-      )
+    except Exception as e:  # noqa: BLE001  # a decoder's error, or any other of the view's
+      reason = _first_line(e) if isinstance(e, tf.errors.OpError) else f'{type(e).__name__}: {e}'
+      return DataError(f'cannot decode image {name} ({reason}); replace or delete the file.')
   return DataError(
     f'cannot read a batch of split {split.name} ({_first_line(error)}); check that its images decode.'
   )
@@ -586,7 +585,7 @@ def _pipeline(split, items, view, shape, local_batch, threads):
     except StopIteration:
       return
     except tf.errors.OpError as e:
-      error = bad_image(tf, split, *plan(k), view, e)
+      error = _bad_image(tf, split, *plan(k), view, e)
       break
     yield batch
   # Raised outside the except clause, after the iterator is gone: the error must not keep tf.data's
