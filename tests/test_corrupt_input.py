@@ -111,7 +111,7 @@ def _assert_names_broken(result, split):
   assert last.startswith('error: cannot decode image ') and last.endswith(
     '; replace or delete the file.'
   ), last
-  assert f'{split}/{WNIDS[1]}/{BROKEN}' in last and 'Unknown image file format' in last, last
+  assert f'{split}/{WNIDS[1]}/{BROKEN}' in last and '(Unknown image file format.' in last, last
 
 
 # ------------------------------------------------------------------------------------------ in process

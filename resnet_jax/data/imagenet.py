@@ -480,7 +480,8 @@ def bucket_shape(h: int, w: int, scale: int) -> tuple[int, int]:
 def _first_line(error) -> str:
   """TensorFlow's reason without its op suffix: 'Unknown image file format. One of JPEG, ...'."""
   lines = (getattr(error, 'message', None) or str(error)).strip().splitlines() or ['']
-  return re.sub(r'\s*\[Op:\w+\].*$', '', lines[0]).strip()
+  line = re.sub(r'\{\{[^}]*\}\}', '', lines[0])  # {{function_node ...}}: where in the graph
+  return re.sub(r'\s*\[Op:\w+\].*$', '', line).strip()
 
 
 def _bad_image(tf, split, index, seeds, view, error) -> DataError:
