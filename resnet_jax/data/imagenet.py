@@ -10,7 +10,11 @@ Epoch e's order is a permutation from (seed, e) and example j of step s draws it
 (seed, s, j), as for CIFAR: a resumed run reads exactly what it would have read, and no tf.data iterator is
 ever saved. Each process reads only its share of each global batch.
 
-Evaluation views: '1crop' (shorter side 256, centre 224), '10crop' (the four corners and the centre, and
+Paths and labels are tensors: tf.data reads and decodes the files in a parallel map, and a file that does
+not decode ends the stream with a DataError naming it.
+
+Evaluation views: '1crop' (shorter side 256, centre 224; only the JPEG window it is resampled from is
+decoded), '10crop' (the four corners and the centre, and
 their flips), and the fully-convolutional 'scale' view used by multi-scale testing (shorter side s, the
 whole image). Every view is `normalize`d as the config says: by default (the paper) the 224 views subtract
 the per-pixel mean image of the 1-crop views of `data.mean_images` training images and divide by 255; a
