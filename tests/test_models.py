@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import model_config, random_variables
+from helpers import cifar_params, model_config, random_variables
 from jax import ad_checkpoint
 
 from resnet_jax import defaults, models, summary
@@ -29,23 +29,18 @@ def n_params(tree):
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize(
-  'depth,expected',
-  [
-    (20, 269_722),
-    (32, 464_154),
-    (44, 658_586),
-    (56, 853_018),
-    (110, 1_727_962),
-    pytest.param(1202, 19_421_274, marks=pytest.mark.slow),
-  ],
-)
-def test_cifar_parameter_counts(
-  depth, expected
-):  # ResNet-1202's shapes too, traced, never compiled
-  assert n_params(param_shapes(model_config('cifar', depth), 32, batch=2)['params']) == expected
+# Table 6's #params column, in millions.
+TABLE6_PARAMS = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7, 1202: 19.4}
 
 
+@pytest.mark.parametrize('depth', [20, 32, 44, 56, 110, pytest.param(1202, marks=pytest.mark.slow)])
+def test_cifar_parameter_counts(depth):  # ResNet-1202's shapes too, traced, never compiled
+  params = n_params(param_shapes(model_config('cifar', depth), 32, batch=2)['params'])
+  assert params == cifar_params(depth)
+  assert round(params / 1e6, 2 if params < 1e6 else 1) == TABLE6_PARAMS[depth]
+
+
+# torchvision's resnet18 ... resnet152 have these parameter counts (option B shortcuts).
 @pytest.mark.parametrize(
   'depth,expected',
   [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032), (101, 44_549_160), (152, 60_192_808)],
@@ -315,15 +310,15 @@ def test_summary_cli(tmp_path):
   report = json.loads(run('--json'))
   assert {k: report[k] for k in ('model', 'params', 'macs')} == {
     'model': 'cifar10_20',
-    'params': 269_722,
-    'macs': summary.count(defaults.get_config())[2],
+    'params': cifar_params(20),
+    'macs': cifar_macs(20),
   }
   assert (
     len(report['layers']) == 21 and report['layers'][-1]['path'] == 'fc'
   )  # 20 weighted + avg pool
   overview = run()
   assert 'stage3_block3/conv2' in overview and overview.strip().splitlines()[-1].startswith(
-    'cifar10_20: 269,722 trainable parameters'
+    f'cifar10_20: {cifar_params(20):,} trainable parameters'
   )
 
 
