@@ -6,6 +6,7 @@ The commands run as subprocesses; the harness's timeout, not a wall-clock assert
 
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -170,6 +171,22 @@ def test_prefetch_forwards_a_worker_exception():
   assert next(got)['image'].shape == (2, 3)
   with pytest.raises(OSError, match='disk gone'):
     next(got)
+
+
+def test_prefetch_close_does_not_wait_forever_on_a_blocked_source():
+  """A consumer that fails while the source is stuck (a reader that never returns) still gets out: the
+  close waits a bounded time for the thread, not for ever (a hang here is caught by the harness)."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  never = threading.Event()
+
+  def batches():
+    yield {'image': np.zeros((2, 3), np.float32)}
+    never.wait()  # blocked for good, as a stuck reader
+
+  got = parallel.prefetch(batches(), mesh, 2, join_timeout_s=0.5)
+  assert next(got)['image'].shape == (2, 3)
+  got.close()
+  never.set()
 
 
 # ------------------------------------------------------------------------------------------ the commands
