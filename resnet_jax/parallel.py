@@ -39,6 +39,8 @@ def sync_processes(name: str, timeout_s: int = 600):
 
   gloo's CPU collectives give up after a fixed 30 s, so processes that drifted apart (imports, data loading
   and model init on a busy machine) must meet here before their first collective. A no-op in one process.
+  multihost_utils.sync_global_devices is such a collective (its source: an all-gather of the name's
+  crc32 over every device), and its broadcast_one_to_all a psum of arrays, not strings of any length.
   """
   if jax.process_count() > 1:
     # The coordination client has no public handle; orbax reaches it the same way.

@@ -112,7 +112,11 @@ class Milestones:
 
 
 class Progress:
-  """Steps/s and ETA over each logging window (host time; the caller syncs on metrics before asking)."""
+  """Steps/s and ETA over each logging window (host time; the caller syncs on metrics before asking).
+
+  clu's ReportProgress imports TensorFlow (in sys.modules once clu.periodic_actions is), wants a
+  call at every step (k steps per dispatch skip some) and keeps evaluation time in its window (its
+  source: `timed` only reports a part's share), which `restart` leaves out here."""
 
   def __init__(self, start_step, num_steps, batch_size):
     self._num_steps, self._batch_size = num_steps, batch_size
