@@ -6,6 +6,7 @@ global batch) and the loss is pmean'd: gradients of replicated params then come 
 A further pmean of the gradients would be a no-op at best; a psum would scale them by the device count.
 """
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -320,23 +321,46 @@ def host_batches(ds, config, mesh, start_step):
   return None, _stacked(batches, k)
 
 
-def exact_bn_images(config) -> int:
-  """The images the end-of-run exact BN statistics use: train.bn_stats_images, at least one batch."""
-  return max(config.train.bn_stats_images, config.train.batch_size)
+def exact_bn_images(config, num_train) -> int:
+  """The images the end-of-run exact BN statistics read: train.bn_stats_images, at least one global batch
+  and at most the training set, in whole global batches (a small set is not read over and over)."""
+  batch = config.train.batch_size
+  wanted = max(config.train.bn_stats_images, batch)
+  return max(min(wanted, num_train) // batch, 1) * batch
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactBN:
+  """What an exact-BN pass read and how long it took; zeros when there was none (model.freeze_bn)."""
+
+  images: int = 0
+  seconds: float = 0.0
 
 
 def recompute_bn(state, ds, model, config, mesh):
-  """The state with exact BN statistics over exact_bn_images(config) training images (bn_stats.recompute);
-  the state itself under model.freeze_bn, whose statistics stay as loaded."""
+  """(the state with exact BN statistics over exact_bn_images training images (bn_stats.recompute), its
+  ExactBN); the state itself under model.freeze_bn, whose statistics stay as loaded."""
   if config.model.get('freeze_bn', False):
-    return state
-  num_images = exact_bn_images(config)
+    return state, ExactBN()
+  start = time.perf_counter()
+  batch = config.train.batch_size
+  num_images = exact_bn_images(config, ds.num_train)
+  logging.info(
+    'Exact BN statistics: the network runs over %s training images (train.bn_stats_images=%s; '
+    '%d batches of %d).',
+    f'{num_images:,}',
+    f'{config.train.bn_stats_images:,}',
+    num_images // batch,
+    batch,
+  )
+  progress = writers.Milestones('Exact BN statistics', num_images // batch, 'batches')
   batches = parallel.prefetch(
     bn_stats.training_batches(ds, config, num_images), mesh, config.data.prefetch
   )
-  return state.replace(
-    batch_stats=bn_stats.recompute(model, state.params, state.batch_stats, batches, mesh)
-  )
+  stats = bn_stats.recompute(model, state.params, state.batch_stats, progress.track(batches), mesh)
+  done = ExactBN(progress.done * batch, time.perf_counter() - start)
+  logging.info('Exact BN statistics over %s images took %.0f s.', f'{done.images:,}', done.seconds)
+  return state.replace(batch_stats=stats), done
 
 
 def _write(workdir, name, text):
@@ -362,11 +386,17 @@ class Segments:
   def __init__(self, workdir, start_step, is_main):
     self._workdir, self._is_main = workdir, is_main
     self._start = time.time()
+    self._excluded_s = 0.0  # the exact-BN pass: reported apart from the training time
     self._done = _read(workdir, 'segments.json') or []
     self.current = {'start_step': start_step, 'end_step': start_step, 'wall_time_s': 0.0}
 
+  def exclude(self, seconds):
+    """Leaves `seconds` (the exact-BN pass) out of this segment's training time."""
+    self._excluded_s += seconds
+
   def update(self, step):
-    self.current.update(end_step=int(step), wall_time_s=time.time() - self._start)
+    wall_time_s = time.time() - self._start - self._excluded_s
+    self.current.update(end_step=int(step), wall_time_s=wall_time_s)
     if self._is_main:
       _write(self._workdir, 'segments.json', json.dumps(self.all(), indent=2))
 
@@ -432,6 +462,7 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
   batches = parallel.prefetch(host, mesh, config.data.prefetch)
   _log_start(config, start_step)
   train_metrics, eval_results, moving_average_results = None, None, None
+  exact_bn = ExactBN()
   with (
     checkpointing.PreemptionHandler() as preemption,
     checkpointing.failed_writes_first(manager, state),
@@ -446,7 +477,8 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
         train_metrics = None
       if step == num_steps and config.train.recompute_bn_stats:  # the released models' statistics
         moving_average_results = evaluate(eval_fn, state, ds, config, mesh)
-        state = recompute_bn(state, ds, model, config, mesh)
+        state, exact_bn = recompute_bn(state, ds, model, config, mesh)
+        segments.exclude(exact_bn.seconds)
       if itstime(step, config.train.eval_every_steps, num_steps):
         eval_results = evaluate(eval_fn, state, ds, config, mesh)
         plateau = optim.plateau_after(config.optimizer, state.plateau, eval_results['error'])
@@ -473,10 +505,13 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
     eval_results = evaluate(eval_fn, state, ds, config, mesh)
   if moving_average_results is None:  # the test error with exact BN statistics, beside it
     moving_average_results = eval_results
-    exact = recompute_bn(state, ds, model, config, mesh)
+    exact, exact_bn = recompute_bn(state, ds, model, config, mesh)
+    segments.exclude(exact_bn.seconds)
     eval_results = evaluate(eval_fn, exact, ds, config, mesh)
   segments.update(int(state.step))
-  results = final_results(config, ds, state, moving_average_results, eval_results, segments)
+  results = final_results(
+    config, ds, state, moving_average_results, eval_results, segments, exact_bn
+  )
   if is_main:
     _write(workdir, 'results.json', json.dumps(results, indent=2))
   writer.close()
@@ -515,11 +550,12 @@ def _log_start(config, start_step):
   )
 
 
-def final_results(config, ds, state, moving_average, exact, segments) -> dict:
+def final_results(config, ds, state, moving_average, exact, segments, exact_bn) -> dict:
   """results.json: the last evaluation (never the best one) with both kinds of BN statistics.
 
   `{split}_error` is the checkpointed model's: exact statistics when train.recompute_bn_stats (the released
-  ImageNet models), else the moving averages, as training left them.
+  ImageNet models), else the moving averages, as training left them. `wall_time_s` is the training time of
+  all segments; the exact-BN pass (ExactBN `exact_bn`) is apart, in `exact_bn_time_s`.
   """
   split = ds.eval_split
   reported = exact if config.train.recompute_bn_stats else moving_average
@@ -530,9 +566,10 @@ def final_results(config, ds, state, moving_average, exact, segments) -> dict:
     'bn_statistics': 'exact' if config.train.recompute_bn_stats else 'moving_average',
     f'{split}_error_moving_average_bn': moving_average['error'],
     f'{split}_error_exact_bn': exact['error'],
-    'exact_bn_images': exact_bn_images(config),
+    'exact_bn_images': exact_bn.images,
     'steps': int(state.step),
     'wall_time_s': segments.total_s(),
+    'exact_bn_time_s': exact_bn.seconds,
     'segments': segments.all(),
     'start_step': segments.current['start_step'],
     'nonfinite_steps': int(state.nonfinite_steps),
