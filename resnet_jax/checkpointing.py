@@ -29,6 +29,7 @@ import errno
 import functools
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -471,11 +472,10 @@ def open_workdir(workdir, config=None) -> Run:
     step = steps[0]
     path = os.path.join(directory, str(step), 'default')
     try:
+      target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), _item_metadata(path)
+      )
       with ocp.StandardCheckpointer() as checkpointer:
-        target = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-          checkpointer.metadata(path).item_metadata.tree,
-        )
         state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
     except Exception as e:  # noqa: BLE001  # any failure to read: name it, leave it, try the previous one
       newer = [s for s in complete_steps(directory) if s > step]
@@ -495,6 +495,17 @@ def open_workdir(workdir, config=None) -> Run:
     f'no checkpoint in {directory} can be read (see the warnings above); train again '
     'or restore the folder from a backup.'
   )
+
+
+def _item_metadata(item_dir):
+  """The saved tree's shapes and dtypes, read by the item's handler: a Checkpointer's metadata() would
+  also look for the step's _CHECKPOINT_METADATA inside the item directory (the manager writes it one
+  level up, in the step directory) and warn on every read that it does not exist."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.metadata(pathlib.Path(item_dir)).tree
+  finally:
+    handler.close()
 
 
 class PreemptionHandler:

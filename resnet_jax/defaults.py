@@ -177,6 +177,12 @@ def get_imagenet_config():
   return config
 
 
+def fixed_preprocessing(data_config) -> bool:
+  """The config fixes the input's mean (a converted model's, or a run's saved mean image): no mean image
+  is computed from training images."""
+  return bool(data_config.mean_image_file) or len(data_config.channel_mean) > 0
+
+
 def load_file(path):
   """The config of an experiment file such as configs/cifar10_20.py, loaded by path."""
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)

@@ -1,4 +1,4 @@
-"""The paper's Fig. 3 drawn from a network's layer walk (summary.walk), not from a list of its own.
+"""The paper's Fig. 3 drawn from a network's layer walk (complexity.walk), not from a list of its own.
 
 `layout` places a column of layer boxes, the shortcuts as arcs beside it and the stages' output
 sizes in plain coordinates; `to_svg` writes that layout, and other backends (experiments/fig3.py's

@@ -91,11 +91,20 @@ def report(results, workdir) -> str:
   """Where a finished run's outputs are, and its final number."""
   split = next(k[: -len('_error')] for k in results if k.endswith('_error'))
   run = Workdir(workdir)
+  exact_bn = (
+    ''  # the pass's time is apart from training's; an earlier version's results.json lacks it
+  )
+  if results.get('exact_bn_images') and 'exact_bn_time_s' in results:
+    images = results['exact_bn_images']
+    exact_bn = (
+      f', then {results["exact_bn_time_s"]:.0f} s of exact BN statistics over {images:,} images'
+    )
   return (
     f'{results["config"]}: step {results["steps"]}, {split} error '
     f'{100 * results[f"{split}_error"]:.2f}% ({results["bn_statistics"].replace("_", " ")} BN '
     f'statistics; {100 * results[f"{split}_error_exact_bn"]:.2f}% with exact ones), '
-    f'{results["wall_time_s"] / 60:.1f} min of training in {len(results["segments"])} segment(s).\n'
+    f'{results["wall_time_s"] / 60:.1f} min of training in {len(results["segments"])} segment(s)'
+    f'{exact_bn}.\n'
     f'  results:     {run.results}\n'
     f'  checkpoints: {run.checkpoints}\n'
     f'  TensorBoard: tensorboard --logdir {run.tensorboard}'

@@ -179,7 +179,7 @@ class BottleneckBlock(Block):
 
 
 class MaxPool(nn.Module):
-  """nn.max_pool as a variable-free module, so that method interceptors (summary.walk) see it."""
+  """nn.max_pool as a variable-free module, so that method interceptors (complexity.walk) see it."""
 
   window: int
   strides: int

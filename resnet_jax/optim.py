@@ -111,16 +111,18 @@ def resolve_boundaries(opt_config, num_steps: int):
 
 
 def learning_rate(opt_config, step, warmup_done, plateau_drops=0):
-  """lr x decay per boundary passed (or per plateau), or the warm-up lr until the warm-up is done."""
+  """lr x decay per boundary passed (or per plateau), or the warm-up lr until the warm-up is done.
+
+  optax's schedules are functions of the step alone: `join_schedules` switches at a fixed step and
+  restarts the next schedule's count there (its 32k drop comes at 32k + the switch step), so neither
+  the warm-up's error rule nor the plateau rule is one of them."""
   if opt_config.schedule == 'plateau':
-    drops = plateau_drops
+    lr = opt_config.learning_rate * jnp.asarray(opt_config.decay, jnp.float32) ** plateau_drops
   else:
-    drops = (
-      sum((step >= b).astype(jnp.int32) for b in opt_config.boundaries)
-      if opt_config.boundaries
-      else 0
-    )
-  lr = opt_config.learning_rate * jnp.asarray(opt_config.decay, jnp.float32) ** drops
+    scales = {}
+    for boundary in opt_config.boundaries:  # a repeated boundary decays once per repeat
+      scales[boundary] = scales.get(boundary, 1.0) * opt_config.decay
+    lr = optax.piecewise_constant_schedule(opt_config.learning_rate, scales)(step)
   return jnp.where(warmup_done, lr, opt_config.warmup_learning_rate).astype(jnp.float32)
 
 

@@ -10,6 +10,7 @@ import threading
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -39,6 +40,8 @@ def sync_processes(name: str, timeout_s: int = 600):
 
   gloo's CPU collectives give up after a fixed 30 s, so processes that drifted apart (imports, data loading
   and model init on a busy machine) must meet here before their first collective. A no-op in one process.
+  multihost_utils.sync_global_devices is such a collective (its source: an all-gather of the name's
+  crc32 over every device), and its broadcast_one_to_all a psum of arrays, not strings of any length.
   """
   if jax.process_count() > 1:
     # The coordination client has no public handle; orbax reaches it the same way.
@@ -98,12 +101,13 @@ def to_global(batch, mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def prefetch(batches, mesh, size=2):
+def prefetch(batches, mesh, size=2, join_timeout_s=60.0):
   """Prepares and places `size` batches ahead on a background thread, so host work overlaps the step.
 
   Closing the generator stops the thread and waits for it: a thread still inside JAX when the interpreter
-  exits can abort the process. (flax's pmap-era `prefetch_to_device` builds per-device stacks, which
-  shard_map inputs do not take.)
+  exits can abort the process. The wait is bounded: a source blocked for good (a stuck reader) must not
+  turn an error into a hang, so after `join_timeout_s` it says so and leaves the daemon thread behind.
+  (flax's pmap-era `prefetch_to_device` builds per-device stacks, which shard_map inputs do not take.)
   """
   if size <= 0:
     yield from (to_global(b, mesh) for b in batches)
@@ -142,4 +146,9 @@ def prefetch(batches, mesh, size=2):
       yield item
   finally:
     stop.set()
-    thread.join()
+    thread.join(join_timeout_s)
+    if thread.is_alive():
+      logging.warning(
+        'The input thread is still blocked reading the data after %.0f s; going on without it.',
+        join_timeout_s,
+      )

@@ -2,6 +2,9 @@
 float16's narrow range underflows small gradients, so float16 training scales the loss up before
 differentiating and the gradients down after: dynamically, halving the scale when the gradients overflow
 (that step's update is skipped and counted) and doubling it after GROWTH_INTERVAL finite steps.
+jmp's DynamicLossScale gives the same scales step for step (compared over a run of finite and
+overflowing steps) but counts no skipped steps; flax's DynamicScale doubles one finite step later and
+halves below 1 (down to float32's tiny), as its `value_and_grad` source reads.
 """
 
 import flax
@@ -34,7 +37,7 @@ def adjust(loss_scale: LossScale, grads_finite) -> LossScale:
   grow = good >= GROWTH_INTERVAL
   scale = jnp.where(
     grads_finite,
-    jnp.where(grow, loss_scale.scale * 2, loss_scale.scale),
+    jnp.where(grow & jnp.isfinite(loss_scale.scale * 2), loss_scale.scale * 2, loss_scale.scale),
     jnp.maximum(loss_scale.scale / 2, 1.0),
   )
   return LossScale(

@@ -6,6 +6,7 @@ global batch) and the loss is pmean'd: gradients of replicated params then come 
 A further pmean of the gradients would be a no-op at best; a psum would scale them by the device count.
 """
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -28,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import (
   checkpointing,
+  defaults,
   exact_bn,
   finetune,
   models,
@@ -39,7 +41,7 @@ from resnet_jax import (
   writers,
 )
 from resnet_jax import data as data_lib
-from resnet_jax.data import imagenet, on_device
+from resnet_jax.data import on_device
 from resnet_jax.workdir import Workdir
 
 
@@ -321,23 +323,46 @@ def host_batches(ds, config, mesh, start_step):
   return None, _stacked(batches, k)
 
 
-def exact_bn_images(config) -> int:
-  """The images the end-of-run exact BN statistics use: train.bn_stats_images, at least one batch."""
-  return max(config.train.bn_stats_images, config.train.batch_size)
+def exact_bn_images(config, num_train) -> int:
+  """The images the end-of-run exact BN statistics read: train.bn_stats_images, at least one global batch
+  and at most the training set, in whole global batches (a small set is not read over and over)."""
+  batch = config.train.batch_size
+  wanted = max(config.train.bn_stats_images, batch)
+  return max(min(wanted, num_train) // batch, 1) * batch
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactBN:
+  """What an exact-BN pass read and how long it took; zeros when there was none (model.freeze_bn)."""
+
+  images: int = 0
+  seconds: float = 0.0
 
 
 def recompute_bn(state, ds, model, config, mesh):
-  """The state with exact BN statistics over exact_bn_images(config) training images (exact_bn.recompute);
-  the state itself under model.freeze_bn, whose statistics stay as loaded."""
+  """(the state with exact BN statistics over exact_bn_images training images (exact_bn.recompute), its
+  ExactBN); the state itself under model.freeze_bn, whose statistics stay as loaded."""
   if config.model.get('freeze_bn', False):
-    return state
-  num_images = exact_bn_images(config)
+    return state, ExactBN()
+  start = time.perf_counter()
+  batch = config.train.batch_size
+  num_images = exact_bn_images(config, ds.num_train)
+  logging.info(
+    'Exact BN statistics: the network runs over %s training images (train.bn_stats_images=%s; '
+    '%d batches of %d).',
+    f'{num_images:,}',
+    f'{config.train.bn_stats_images:,}',
+    num_images // batch,
+    batch,
+  )
+  progress = writers.Milestones('Exact BN statistics', num_images // batch, 'batches')
   batches = parallel.prefetch(
     exact_bn.training_batches(ds, config, num_images), mesh, config.data.prefetch
   )
-  return state.replace(
-    batch_stats=exact_bn.recompute(model, state.params, state.batch_stats, batches, mesh)
-  )
+  stats = exact_bn.recompute(model, state.params, state.batch_stats, progress.track(batches), mesh)
+  done = ExactBN(progress.done * batch, time.perf_counter() - start)
+  logging.info('Exact BN statistics over %s images took %.0f s.', f'{done.images:,}', done.seconds)
+  return state.replace(batch_stats=stats), done
 
 
 def _write(path, text):
@@ -351,7 +376,7 @@ def save_preprocessing(ds, config, workdir):
   """Saves the mean image computed from the training images into the workdir, so evaluation and the
   tools need no training images; a config that fixes its preprocessing already says it all."""
   path = Workdir(workdir).mean_image
-  if imagenet.fixed_preprocessing(config.data) or os.path.exists(path):
+  if defaults.fixed_preprocessing(config.data) or os.path.exists(path):
     return
   np.save(f'{path}.tmp.npy', np.asarray(ds.mean_image, np.float32))
   os.replace(f'{path}.tmp.npy', path)
@@ -371,11 +396,17 @@ class Segments:
   def __init__(self, workdir, start_step, is_main):
     self._path, self._is_main = Workdir(workdir).segments, is_main
     self._start = time.time()
+    self._excluded_s = 0.0  # the exact-BN pass: reported apart from the training time
     self._done = _read(self._path) or []
     self.current = {'start_step': start_step, 'end_step': start_step, 'wall_time_s': 0.0}
 
+  def exclude(self, seconds):
+    """Leaves `seconds` (the exact-BN pass) out of this segment's training time."""
+    self._excluded_s += seconds
+
   def update(self, step):
-    self.current.update(end_step=int(step), wall_time_s=time.time() - self._start)
+    wall_time_s = time.time() - self._start - self._excluded_s
+    self.current.update(end_step=int(step), wall_time_s=wall_time_s)
     if self._is_main:
       _write(self._path, json.dumps(self.all(), indent=2))
 
@@ -442,6 +473,7 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
   batches = parallel.prefetch(host, mesh, config.data.prefetch)
   _log_start(config, start_step)
   train_metrics, eval_results, moving_average_results = None, None, None
+  exact_pass = ExactBN()
   with (
     checkpointing.PreemptionHandler() as preemption,
     checkpointing.failed_writes_first(manager, state),
@@ -456,7 +488,8 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
         train_metrics = None
       if step == num_steps and config.train.recompute_bn_stats:  # the released models' statistics
         moving_average_results = evaluate(eval_fn, state, ds, config, mesh)
-        state = recompute_bn(state, ds, model, config, mesh)
+        state, exact_pass = recompute_bn(state, ds, model, config, mesh)
+        segments.exclude(exact_pass.seconds)
       if itstime(step, config.train.eval_every_steps, num_steps):
         eval_results = evaluate(eval_fn, state, ds, config, mesh)
         plateau = optim.plateau_after(config.optimizer, state.plateau, eval_results['error'])
@@ -483,10 +516,13 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
     eval_results = evaluate(eval_fn, state, ds, config, mesh)
   if moving_average_results is None:  # the test error with exact BN statistics, beside it
     moving_average_results = eval_results
-    exact = recompute_bn(state, ds, model, config, mesh)
+    exact, exact_pass = recompute_bn(state, ds, model, config, mesh)
+    segments.exclude(exact_pass.seconds)
     eval_results = evaluate(eval_fn, exact, ds, config, mesh)
   segments.update(int(state.step))
-  results = final_results(config, ds, state, moving_average_results, eval_results, segments)
+  results = final_results(
+    config, ds, state, moving_average_results, eval_results, segments, exact_pass
+  )
   if is_main:
     _write(Workdir(workdir).results, json.dumps(results, indent=2))
   writer.close()
@@ -525,11 +561,12 @@ def _log_start(config, start_step):
   )
 
 
-def final_results(config, ds, state, moving_average, exact, segments) -> dict:
+def final_results(config, ds, state, moving_average, exact, segments, exact_pass) -> dict:
   """results.json: the last evaluation (never the best one) with both kinds of BN statistics.
 
   `{split}_error` is the checkpointed model's: exact statistics when train.recompute_bn_stats (the released
-  ImageNet models), else the moving averages, as training left them.
+  ImageNet models), else the moving averages, as training left them. `wall_time_s` is the training time of
+  all segments; the exact-BN pass (ExactBN `exact_pass`) is apart, in `exact_bn_time_s`.
   """
   split = ds.eval_split
   reported = exact if config.train.recompute_bn_stats else moving_average
@@ -540,9 +577,10 @@ def final_results(config, ds, state, moving_average, exact, segments) -> dict:
     'bn_statistics': 'exact' if config.train.recompute_bn_stats else 'moving_average',
     f'{split}_error_moving_average_bn': moving_average['error'],
     f'{split}_error_exact_bn': exact['error'],
-    'exact_bn_images': exact_bn_images(config),
+    'exact_bn_images': exact_pass.images,
     'steps': int(state.step),
     'wall_time_s': segments.total_s(),
+    'exact_bn_time_s': exact_pass.seconds,
     'segments': segments.all(),
     'start_step': segments.current['start_step'],
     'nonfinite_steps': int(state.nonfinite_steps),

@@ -10,7 +10,6 @@ import json
 import os
 
 from resnet_jax import defaults
-from resnet_jax.data import imagenet
 
 MEAN_IMAGE_NAME = 'mean_image.npy'  # a converted config names it relative to the workdir
 
@@ -95,7 +94,7 @@ class Workdir:
     and an older run that saved no mean image are returned as they are: their mean image is computed from
     the training images and cached as before, never written into the run.
     """
-    if imagenet.fixed_preprocessing(config.data) or not os.path.isfile(self.mean_image):
+    if defaults.fixed_preprocessing(config.data) or not os.path.isfile(self.mean_image):
       return config
     config = config.copy_and_resolve_references()
     config.data.mean_image_file = self.mean_image

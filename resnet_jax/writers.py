@@ -80,8 +80,45 @@ class Writer:
         self._tb.close()
 
 
+class Milestones:
+  """Progress of a long phase outside the steps (decoding images, exact BN statistics), logged as the
+  training steps are: a line each time another quarter of `total` is done, so a few lines however long."""
+
+  def __init__(self, what, total, unit, parts=4):
+    self.what = what
+    self.total = total
+    self.unit = unit
+    self.done = 0
+    self._parts = parts
+    self._logged = 0  # the quarters (parts) already logged
+
+  def advance(self, n):
+    self.done += n
+    part = min(self.done * self._parts // max(self.total, 1), self._parts)
+    if part > self._logged:
+      self._logged = part
+      logging.info(
+        '%s: %d%% (%s of %s %s)',
+        self.what,
+        100 * part // self._parts,
+        f'{self.done:,}',
+        f'{self.total:,}',
+        self.unit,
+      )
+
+  def track(self, items, size=lambda item: 1):
+    """`items`, each counted as `size(item)` once the consumer asks for the next: what it really took."""
+    for item in items:
+      yield item
+      self.advance(size(item))
+
+
 class Progress:
-  """Steps/s and ETA over each logging window (host time; the caller syncs on metrics before asking)."""
+  """Steps/s and ETA over each logging window (host time; the caller syncs on metrics before asking).
+
+  clu's ReportProgress imports TensorFlow (in sys.modules once clu.periodic_actions is), wants a
+  call at every step (k steps per dispatch skip some) and keeps evaluation time in its window (its
+  source: `timed` only reports a part's share), which `restart` leaves out here."""
 
   def __init__(self, start_step, num_steps, batch_size):
     self._num_steps, self._batch_size = num_steps, batch_size

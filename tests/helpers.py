@@ -40,6 +40,19 @@ def model_config(family='cifar', depth=8, image_size=None, **model_overrides):
   return config
 
 
+def cifar_params(depth, classes=10):
+  """Trainable parameters of the CIFAR ResNet (option A) from Sec. 4.2's layer list: 3x3 convs without
+  bias, each followed by BN's scale and bias; 16, 32 and 64 filters; a fc with bias."""
+  n = (depth - 2) // 6
+  params = 9 * 3 * 16 + 2 * 16  # the first conv and its BN
+  channels = 16
+  for width in (16, 32, 64):
+    for _ in range(n):
+      params += 9 * channels * width + 9 * width * width + 4 * width
+      channels = width
+  return params + 64 * classes + classes
+
+
 def small_run(**overrides):
   """ResNet-8 on a fixed subset: a few steps through the whole loop in seconds."""
   config = defaults.get_config()

@@ -2,13 +2,14 @@
 logits with our weights), and the JAX side times our real training step. Torch tests skip without torch."""
 
 import functools
+import math
 import sys
 
 import jax
 import numpy as np
 import pytest
 from conftest import REPO
-from helpers import model_config
+from helpers import cifar_params, model_config
 
 from resnet_jax import complexity, models
 
@@ -98,7 +99,9 @@ def test_twin_initialises_as_ours(twin):
   conv = net.stage3_block3.conv2.weight.detach().numpy()
   np.testing.assert_allclose(conv.std(), np.sqrt(2 / (9 * 64)), rtol=0.05)
   fc = net.fc.weight.detach().numpy()
-  assert np.abs(fc).max() <= 2 * np.sqrt(1 / 64) / 0.87962566103423978
+  # The standard normal cut at +-2 has variance 1 - 4 phi(2) / (Phi(2) - Phi(-2)); flax divides by its std.
+  truncated_std = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(math.sqrt(2)))
+  assert np.abs(fc).max() <= 2 * np.sqrt(1 / 64) / truncated_std
   assert (net.stem_bn.weight.detach().numpy() == 1).all() and (
     net.fc.bias.detach().numpy() == 0
   ).all()
@@ -158,7 +161,9 @@ def test_jax_side_times_our_training_step_and_writes_the_table(tmp_path):
   )
   (row,) = rows
   assert (
-    row['framework'] == 'JAX (ours)' and row['mode'] == 'jit, 1 device' and row['params'] == 75_290
+    row['framework'] == 'JAX (ours)'
+    and row['mode'] == 'jit, 1 device'
+    and row['params'] == cifar_params(8)
   )
   assert row['timed'] == '1 x 2'
   assert row['images_per_s'] == pytest.approx(16 * 1000 / row['ms_per_step'])  # batch 16
@@ -167,7 +172,10 @@ def test_jax_side_times_our_training_step_and_writes_the_table(tmp_path):
   assert row['mfu'] == pytest.approx(6 * RESNET8_MACS * row['images_per_s'] / 1e12)
   text = out.read_text()
   assert text.startswith(benchmark.HEADER.splitlines()[0]) and text.count('\n## ') == 1
-  assert '| JAX (ours) | jit, 1 device | ResNet-8 (32x32) | 16 | float32 | 75,290 |' in text
+  assert (
+    f'| JAX (ours) | jit, 1 device | ResNet-8 (32x32) | 16 | float32 | {cifar_params(8):,} |'
+    in text
+  )
   assert (
     '--grid=cifar8:16:float32' in text
     and 'jax ' + jax.__version__ in text

@@ -379,11 +379,11 @@ def test_default_preprocessing_is_the_papers_bit_for_bit():
   pixels = rng.uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
   mean = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
   config = defaults.get_imagenet_config().data
-  assert not imagenet.fixed_preprocessing(config) and imagenet.fixed_mean_image(config) is None
+  assert not defaults.fixed_preprocessing(config) and imagenet.fixed_mean_image(config) is None
   np.testing.assert_array_equal(imagenet.normalize(pixels, config, mean), (pixels - mean) / 255)
   spec = pretrained.PREPROCESSING['torchvision']
   config.update(channel_mean=spec['mean'], channel_std=spec['std'])
-  assert imagenet.fixed_preprocessing(config)
+  assert defaults.fixed_preprocessing(config)
   zeros = imagenet.fixed_mean_image(config)
   assert zeros.shape == (224, 224, 3) and not zeros.any()
   reference = torchvision.transforms.Normalize(spec['mean'], spec['std'])(

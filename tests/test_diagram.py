@@ -8,7 +8,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-from helpers import model_config
+from helpers import cifar_params, model_config
 
 from resnet_jax import complexity, defaults, diagram
 
@@ -141,7 +141,7 @@ def test_layer_table_in_network_order():
   'cfg,params,gmacs',
   [
     (model_config('imagenet', 50, shortcut='B'), 25_557_032, 3.8),
-    (model_config('cifar', 20), 269_722, 0.041),
+    (model_config('cifar', 20), cifar_params(20), 0.041),
   ],
   ids=['r50', 'c20'],
 )

@@ -1,8 +1,11 @@
 """What a new user meets first: relative workdirs, limited eval sets, class counts, short schedules."""
 
 import json
+import os
 import subprocess
 import sys
+import time
+import types
 
 import jax
 import numpy as np
@@ -111,3 +114,114 @@ def test_the_end_of_a_run_says_where_everything_is_and_a_rerun_changes_nothing(t
   again = run_cli(tmp_path, *as_flags(config))
   assert 'already at step 6 of 6' in again.stderr
   assert (tmp_path / 'results.json').read_bytes() == results
+
+
+def test_the_first_decode_of_a_folder_reports_its_progress_and_the_cache(tmp_path, caplog):
+  write_image_folder(tmp_path / 'data', classes=('a', 'b'), per_class=(6, 2))  # 16 images
+  config = defaults.get_config().data
+  config.update(
+    source='image_folder', image_folder=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache')
+  )
+  caplog.set_level('INFO')
+  data.load(config, seed=0)
+  first = caplog.messages
+  (cache,) = (tmp_path / 'cache').iterdir()
+  assert any(m.startswith(f'Decoding 16 images of {tmp_path / "data"}') for m in first)
+  quarters = [m.split(': ')[-1] for m in first if '% (' in m]
+  assert quarters == [
+    f'{p}% ({n} of 16 images)' for p, n in ((25, 4), (50, 8), (75, 12), (100, 16))
+  ]
+  assert any(m.startswith('Decoded 16 images') and str(cache) in m for m in first)
+  caplog.clear()
+  data.load(config, seed=0)  # from the cache: no decoding, and where it came from
+  assert not any('Decoding' in m for m in caplog.messages)
+  assert any(str(cache) in m for m in caplog.messages)
+
+
+@pytest.mark.slow
+def test_the_exact_bn_pass_reports_the_images_it_read_its_progress_and_its_own_time(
+  tmp_path, caplog, monkeypatch
+):
+  """A folder smaller than train.bn_stats_images: the pass reads the training set once, in whole
+  batches, and says so; its time is apart from the training time."""
+  write_image_folder(
+    tmp_path / 'data', classes=('a', 'b', 'c'), per_class=(10, 2)
+  )  # 30 training images
+  config = small_run(
+    data__source='image_folder',
+    data__image_folder=str(tmp_path / 'data'),
+    data__cache_dir=str(tmp_path / 'cache'),
+    data__train_limit=0,
+    data__eval_limit=0,
+    model__num_classes=3,
+    train__batch_size=8,
+    train__eval_batch_size=8,
+    train__bn_stats_images=10_000,
+  )
+  # A clock that the pass moves on by an hour: training time that held the pass would hold that hour.
+  hour = [0.0]
+  clock = types.SimpleNamespace(
+    time=lambda: time.time() + hour[0], perf_counter=lambda: time.perf_counter() + hour[0]
+  )
+  recompute = exact_bn.recompute
+
+  def slow_recompute(*args):
+    stats = recompute(*args)
+    hour[0] += 3600
+    return stats
+
+  monkeypatch.setattr(train, 'time', clock)
+  monkeypatch.setattr(exact_bn, 'recompute', slow_recompute)
+  caplog.set_level('INFO')
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  batches = 30 // 8
+  assert results['exact_bn_images'] == batches * 8  # not bn_stats_images, nor more than the set
+  progress = [m for m in caplog.messages if m.startswith('Exact BN statistics: ')]
+  assert f'over {batches * 8} training images' in progress[0]
+  assert progress[-1] == f'Exact BN statistics: 100% ({batches} of {batches} batches)'
+  assert results['exact_bn_time_s'] >= 3600 > results['wall_time_s']
+  saved = json.loads((tmp_path / 'run' / 'results.json').read_text())
+  assert saved['exact_bn_time_s'] == results['exact_bn_time_s']
+  assert saved['wall_time_s'] == pytest.approx(sum(s['wall_time_s'] for s in saved['segments']))
+
+
+@pytest.mark.slow
+def test_reading_tools_print_no_orbax_metadata_warning_and_no_line_twice(tmp_path):
+  write_image_folder(tmp_path / 'data', classes=('a', 'b'), per_class=(8, 2))
+  config = small_run(
+    data__source='image_folder',
+    data__image_folder=str(tmp_path / 'data'),
+    data__cache_dir=str(tmp_path / 'cache'),
+    data__train_limit=0,
+    data__eval_limit=0,
+    train__batch_size=8,
+    train__eval_batch_size=8,
+    train__bn_stats_images=8,
+  )
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  image = tmp_path / 'data' / 'test' / 'a' / '0000.png'
+  # JAX probes every platform, as for a user (the tests otherwise pin the CPU)
+  probing = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  for tool, *args in (
+    ('evaluate',),
+    ('predict', str(image)),
+    ('bn_stats', '--num_images=8'),
+    ('summary',),
+  ):
+    result = subprocess.run(
+      [sys.executable, '-m', f'resnet_jax.{tool}', f'--workdir={tmp_path / "run"}', *args],
+      cwd=REPO,
+      env=probing,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '_CHECKPOINT_METADATA' not in result.stderr, (tool, result.stderr)
+    assert "backend 'tpu'" not in result.stderr, (tool, result.stderr)
+    # absl's prefix (time, thread) makes each line unique: compare the messages after it
+    messages = [line.split('] ', 1)[-1] for line in result.stderr.splitlines() if line.strip()]
+    assert len(messages) == len(set(messages)), (tool, result.stderr)
+  # A checkpoint written without the step's metadata file (older orbax versions) still reads.
+  (tmp_path / 'run' / 'checkpoints' / '6' / '_CHECKPOINT_METADATA').unlink()
+  assert checkpointing.open_workdir(tmp_path / 'run').step == 6

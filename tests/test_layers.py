@@ -45,7 +45,20 @@ def imports(name):
   return found
 
 
-GRAPH = {name: {m for m in imports(name) if m in MODULES and m != name} for name in MODULES}
+def dependencies(name):
+  """The project modules importing `name` runs: each imported module and the packages above it, whose
+  __init__ runs first, except the importer's own packages (already being imported)."""
+  found = set()
+  for module in imports(name):
+    parts = module.split('.')
+    for end in range(1, len(parts) + 1):
+      parent = '.'.join(parts[:end])
+      if parent in MODULES and parent != name and not name.startswith(f'{parent}.'):
+        found.add(parent)
+  return found
+
+
+GRAPH = {name: dependencies(name) for name in MODULES}
 
 
 def test_the_graph_sees_the_layers():
@@ -54,6 +67,9 @@ def test_the_graph_sees_the_layers():
   assert 'resnet_jax.evaluation' in GRAPH['resnet_jax.tools.evaluate']
   assert 'resnet_jax.exact_bn' in GRAPH['resnet_jax.train']
   assert 'absl.flags' in imports('resnet_jax.tools.cli')
+  # Importing a data source runs the data package's __init__, which imports every source.
+  assert 'resnet_jax.data' in GRAPH['resnet_jax.evaluation']
+  assert 'resnet_jax.data' not in GRAPH['resnet_jax.data.imagenet']
 
 
 @pytest.mark.parametrize('name', sorted(n for n in MODULES if not is_tool(n)))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import model_config, random_variables
+from helpers import cifar_params, model_config, random_variables
 from jax import ad_checkpoint
 
 from resnet_jax import complexity, defaults, models
@@ -29,23 +29,18 @@ def n_params(tree):
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize(
-  'depth,expected',
-  [
-    (20, 269_722),
-    (32, 464_154),
-    (44, 658_586),
-    (56, 853_018),
-    (110, 1_727_962),
-    pytest.param(1202, 19_421_274, marks=pytest.mark.slow),
-  ],
-)
-def test_cifar_parameter_counts(
-  depth, expected
-):  # ResNet-1202's shapes too, traced, never compiled
-  assert n_params(param_shapes(model_config('cifar', depth), 32, batch=2)['params']) == expected
+# Table 6's #params column, in millions.
+TABLE6_PARAMS = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7, 1202: 19.4}
 
 
+@pytest.mark.parametrize('depth', [20, 32, 44, 56, 110, pytest.param(1202, marks=pytest.mark.slow)])
+def test_cifar_parameter_counts(depth):  # ResNet-1202's shapes too, traced, never compiled
+  params = n_params(param_shapes(model_config('cifar', depth), 32, batch=2)['params'])
+  assert params == cifar_params(depth)
+  assert round(params / 1e6, 2 if params < 1e6 else 1) == TABLE6_PARAMS[depth]
+
+
+# torchvision's resnet18 ... resnet152 have these parameter counts (option B shortcuts).
 @pytest.mark.parametrize(
   'depth,expected',
   [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032), (101, 44_549_160), (152, 60_192_808)],
@@ -57,28 +52,58 @@ def test_imagenet_parameter_counts_option_b(depth, expected):
   )
 
 
-def analytic_macs(depth, classes=1000):
+def conv_macs(size, kernel, stride, pad, in_channels, out_channels, valid_only=False):
+  """(multiply-adds, output size) of a square conv. `valid_only` leaves out the taps that fall on the
+  padding, as XLA's cost analysis does; the paper's count (and ours) includes them."""
+  out = (size + 2 * pad - kernel) // stride + 1
+  taps = out * kernel  # along one axis, summed over the output positions
+  if valid_only:
+    taps = sum(0 <= o * stride - pad + i < size for o in range(out) for i in range(kernel))
+  return taps * taps * in_channels * out_channels, out
+
+
+def analytic_macs(depth, classes=1000, valid_only=False):
   """Multiply-adds of ImageNet ResNet v1 (option B) at 224 px, from Table 1's layer list: every conv
   (the bottleneck's stride on its first 1x1, as the paper) and the fc; no BN, ReLU or pooling."""
   stages = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
   stages[152] = [3, 8, 36, 3]
-  bottleneck = depth >= 50
-  macs = 7 * 7 * 3 * 64 * 112 * 112  # conv1, 7x7/2
-  channels, size = 64, 56  # after the 3x3/2 max pool
+  conv = functools.partial(conv_macs, valid_only=valid_only)
+  macs, size = conv(224, 7, 2, 3, 3, 64)  # conv1, 7x7/2
+  size = (size + 2 - 3) // 2 + 1  # the 3x3/2 max pool: 56
+  channels = 64
   for i, blocks in enumerate(stages[depth]):
     width = 64 * 2**i
-    out_channels = 4 * width if bottleneck else width
+    out_channels = 4 * width if depth >= 50 else width
     for j in range(blocks):
-      size //= 2 if i > 0 and j == 0 else 1
-      area = size * size
-      if bottleneck:
-        macs += (channels * width + 9 * width * width + width * out_channels) * area
+      stride = 2 if i > 0 and j == 0 else 1
+      if depth >= 50:
+        m1, mid = conv(size, 1, stride, 0, channels, width)
+        m2, _ = conv(mid, 3, 1, 1, width, width)
+        m3, _ = conv(mid, 1, 1, 0, width, out_channels)
       else:
-        macs += (9 * channels * width + 9 * width * width) * area
+        m1, mid = conv(size, 3, stride, 1, channels, width)
+        m2, _ = conv(mid, 3, 1, 1, width, width)
+        m3 = 0
+      macs += m1 + m2 + m3
       if channels != out_channels:  # option B's projection
-        macs += channels * out_channels * area
-      channels = out_channels
+        macs += conv(size, 1, stride, 0, channels, out_channels)[0]
+      channels, size = out_channels, mid
   return macs + channels * classes
+
+
+def cifar_macs(depth, valid_only=False):
+  """Multiply-adds of the CIFAR ResNet (option A: shortcuts cost nothing) from Sec. 4.2: a 3x3 conv,
+  then 2n 3x3 convs on each of the 32, 16 and 8 px maps with 16, 32 and 64 filters, and the fc."""
+  conv = functools.partial(conv_macs, valid_only=valid_only)
+  macs, size = conv(32, 3, 1, 1, 3, 16)
+  channels = 16
+  for i in range(3):
+    for j in range((depth - 2) // 6):
+      m1, size = conv(size, 3, 2 if i > 0 and j == 0 else 1, 1, channels, 16 * 2**i)
+      m2, _ = conv(size, 3, 1, 1, 16 * 2**i, 16 * 2**i)
+      macs += m1 + m2
+      channels = 16 * 2**i
+  return macs + channels * 10
 
 
 # Table 1's FLOPs row (the paper's multiply-adds, x 10^9), given to two significant figures.
@@ -92,6 +117,26 @@ def test_imagenet_macs_are_table1s(depth):
   assert (
     abs(macs / 1e9 - TABLE1_GFLOPS[depth]) / TABLE1_GFLOPS[depth] < 0.02
   )  # the paper's rounding
+
+
+@pytest.mark.parametrize(
+  'family,depth,size', [('cifar', 20, 32), ('imagenet', 18, 224), ('imagenet', 50, 224)]
+)
+def test_macs_against_xla_cost_analysis(family, depth, size):
+  config = model_config(family, depth, shortcut='B' if family == 'imagenet' else 'A')
+  count = cifar_macs if family == 'cifar' else analytic_macs
+  assert complexity.count(config)[2] == count(depth)
+  model = models.create(config.model)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  flops = forward.lower(variables, x).cost_analysis()['flops']  # the HLO as traced, not compiled
+  # XLA counts a multiply-add as 2 flops and skips a conv's taps on the padding (7% of ResNet-18's
+  # MACs, most on the 7x7 maps). On top, per conv output element: BN's 4 flops (subtract the mean,
+  # times rsqrt(var + eps), times scale, plus bias), ReLU's 1 and the residual add's 1, against
+  # 2 * 9 * C_in >= 288 flops of the conv itself (the stem's 54 aside): under 2% in all.
+  ratio = flops / (2 * count(depth, valid_only=True))
+  assert 1 <= ratio < 1.02, ratio
 
 
 def test_v1_5_moves_the_stride_and_costs_more():
@@ -265,15 +310,15 @@ def test_summary_cli(tmp_path):
   report = json.loads(run('--json'))
   assert {k: report[k] for k in ('model', 'params', 'macs')} == {
     'model': 'cifar10_20',
-    'params': 269_722,
-    'macs': complexity.count(defaults.get_config())[2],
+    'params': cifar_params(20),
+    'macs': cifar_macs(20),
   }
   assert (
     len(report['layers']) == 21 and report['layers'][-1]['path'] == 'fc'
   )  # 20 weighted + avg pool
   overview = run()
   assert 'stage3_block3/conv2' in overview and overview.strip().splitlines()[-1].startswith(
-    'cifar10_20: 269,722 trainable parameters'
+    f'cifar10_20: {cifar_params(20):,} trainable parameters'
   )
 
 

@@ -113,3 +113,22 @@ def test_on_device_data_with_steps_per_dispatch_trains_as_the_host_path(tmp_path
   assert host['steps'] == device['steps'] == 6
   np.testing.assert_allclose(device['test_error'], host['test_error'], atol=1e-6)
   np.testing.assert_allclose(device['test_loss'], host['test_loss'], rtol=1e-5)
+
+
+def test_loss_scale_rule_against_a_plain_loop(monkeypatch):
+  """The rule as plain Python: double after `interval` finite steps in a row (never to inf), halve
+  on an overflow (never below 1) and restart the count."""
+  interval = 3
+  monkeypatch.setattr(precision, 'GROWTH_INTERVAL', interval)
+  steps = [True] * 7 + [False] * 2 + [True, False] * 3 + [False] * 20 + [True] * 4
+  state = precision.LossScale(np.float32(2.0**126), np.int32(0), np.int32(0))
+  scale, count = 2.0**126, 0
+  for finite in steps:
+    state = precision.adjust(state, np.bool_(finite))
+    count = count + 1 if finite else 0
+    if not finite:
+      scale = max(scale / 2, 1.0)
+    elif count == interval:
+      scale, count = (scale * 2 if scale * 2 < 2.0**128 else scale), 0
+    assert float(state.scale) == scale and int(state.good_steps) == count
+  assert int(state.overflow_steps) == steps.count(False)

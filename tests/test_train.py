@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import defaults, models, optim, parallel, train
@@ -111,6 +112,21 @@ def test_warmup_rule():
   assert done(0, 0.79)
   assert done(99, 0.95)  # the cap
   assert done(5, 0.95, d=True)  # once switched, it stays switched
+
+
+def test_resnet110_schedule_is_the_papers():
+  """Sec. 4.2: "0.01 to warm up the training until the training error is below 80% (about 400
+  iterations), and then go back to 0.1", divided by 10 at 32k and 48k iterations of 64k."""
+  opt = defaults.load_file(str(REPO / 'configs' / 'cifar10_110.py')).optimizer
+  expected = {0: 0.01, 400: 0.01, 401: 0.1, 31_999: 0.1, 32_000: 0.01, 47_999: 0.01}
+  expected.update({48_000: 0.001, 63_999: 0.001})
+  done = optim.initial_warmup_done(opt)
+  for step in range(64_000):
+    if step in expected:
+      lr = float(optim.learning_rate(opt, jnp.asarray(step), done))
+      assert lr == pytest.approx(expected[step], rel=1e-6), step
+    if not done:  # the batch's training error falls below 80% at step 400
+      done = optim.warmup_done_after(opt, jnp.asarray(step), done, 0.9 if step < 400 else 0.79)
 
 
 @pytest.mark.parametrize('threshold,cap,switch_after', [(1.01, 100, 1), (0.0, 3, 3)])

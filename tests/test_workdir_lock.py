@@ -104,8 +104,11 @@ def test_one_process_holds_it_once(tmp_path):
 def test_the_heartbeat_is_refreshed_while_held(tmp_path):
   lock = workdir_lock.acquire(tmp_path, 2)  # beats every 0.5 s
   first = json.loads((tmp_path / 'lock.json').read_text())
-  time.sleep(1.5)
-  later = json.loads((tmp_path / 'lock.json').read_text())
+  deadline = time.time() + 60  # a limit, not a synchronisation: the loop ends at the first beat
+  later = first
+  while later['heartbeat'] == first['heartbeat'] and time.time() < deadline:
+    time.sleep(0.01)  # polling, not spinning
+    later = json.loads((tmp_path / 'lock.json').read_text())  # replaced whole, never half-written
   lock.release()
   assert later['heartbeat'] > first['heartbeat'] and later['started'] == first['started']
   assert sorted(os.listdir(tmp_path)) == []  # no private files left behind

@@ -10,7 +10,11 @@ Epoch e's order is a permutation from (seed, e) and example j of step s draws it
 (seed, s, j), as for CIFAR: a resumed run reads exactly what it would have read, and no tf.data iterator is
 ever saved. Each process reads only its share of each global batch.
 
-Evaluation views: '1crop' (shorter side 256, centre 224), '10crop' (the four corners and the centre, and
+Paths and labels are tensors: tf.data reads and decodes the files in a parallel map, and a file that does
+not decode ends the stream with a DataError naming it.
+
+Evaluation views: '1crop' (shorter side 256, centre 224; only the JPEG window it is resampled from is
+decoded), '10crop' (the four corners and the centre, and
 their flips), and the fully-convolutional 'scale' view used by multi-scale testing (shorter side s, the
 whole image). Every view is `normalize`d as the config says: by default (the paper) the 224 views subtract
 the per-pixel mean image of the 1-crop views of `data.mean_images` training images and divide by 255; a
@@ -33,6 +37,7 @@ import re
 
 import numpy as np
 
+from resnet_jax import defaults
 from resnet_jax.data import common
 from resnet_jax.data.common import DataError
 
@@ -73,11 +78,6 @@ def ilsvrc_wnids() -> list[str]:
     )
   with open(path) as f:
     return [line.strip() for line in f if line.strip()]
-
-
-def fixed_preprocessing(cfg) -> bool:
-  """The config fixes the input's mean (a converted model's): no mean image from training images."""
-  return bool(cfg.mean_image_file) or len(cfg.channel_mean) > 0
 
 
 def normalize(image, cfg, mean_image):
@@ -156,9 +156,13 @@ class Split:
   source: object = None  # tfds: an array_record data source of {'image': bytes, 'label': int}
   index: np.ndarray | None = None  # a subset (data.train_limit, eval_limit): example i is index[i]
 
+  def row(self, i: int) -> int:
+    """Example i's position in the whole split (its file in `paths`, its record in `source`)."""
+    return int(i if self.index is None else self.index[i])
+
   def get(self, i: int) -> tuple[bytes, int]:
     """(path or encoded image, label); paths are read inside tf.data, in parallel."""
-    i = int(i if self.index is None else self.index[i])
+    i = self.row(i)
     if self.paths is not None:
       return self.paths[i].encode(), int(self.labels[i])
     record = self.source[i]
@@ -285,7 +289,7 @@ def _splits(cfg) -> tuple[Split | None, Split, int]:
     try:
       folders[cfg.train_split] = _split_folder(root, cfg.train_split)
     except DataError:
-      if not fixed_preprocessing(cfg):  # the mean image comes from training images
+      if not defaults.fixed_preprocessing(cfg):  # the mean image comes from training images
         raise
     label, num_classes = folder_classes(list(folders.values()))
     train = None
@@ -296,7 +300,7 @@ def _splits(cfg) -> tuple[Split | None, Split, int]:
   try:
     train = _tfds_split(cfg, cfg.train_split)
   except DataError:
-    if not fixed_preprocessing(cfg):
+    if not defaults.fixed_preprocessing(cfg):
       raise
     train = None
   return train, eval_split, NUM_CLASSES
@@ -315,7 +319,8 @@ def _shape(tf, data):
 
 
 def _decode_window(tf, data, y, x, h, w):
-  """Decodes only the window [y, y+h) x [x, x+w) of a JPEG (the whole image for other formats)."""
+  """Decodes only the window [y, y+h) x [x, x+w) of a JPEG; the decoders of the other formats (PNG, GIF,
+  BMP, WebP) have no window, so those images are decoded whole and cropped."""
   return tf.cond(
     tf.io.is_jpeg(data),
     lambda: tf.image.decode_and_crop_jpeg(data, tf.stack([y, x, h, w]), channels=3),
@@ -397,10 +402,43 @@ def _crops(tf, image, crop, corners):
   return tf.stack(views + [tf.image.flip_left_right(v) for v in views])
 
 
+def centre_crop(tf, data, size, crop):
+  """The centre crop x crop of the image resized to shorter side `size`, float32 0..255, decoding only the
+  window of the JPEG that the crop's pixels are resampled from.
+
+  The pixels are those of resize_shorter then the centre crop, to float rounding: the same antialiased
+  triangle kernel at the same scale (ScaleAndTranslate, which tf.image.resize calls), translated to the
+  window, which reaches a kernel's support (plus a pixel) beyond the crop's source, so every weight the whole
+  resize gives the crop's pixels sees the same source pixels; only the weights' float arithmetic differs.
+  """
+  shape = _shape(tf, data)
+  hw = tf.cast(shape, tf.float32)
+  new = tf.cast(tf.round(hw * size / tf.reduce_min(hw)), tf.int32)  # resize_shorter's size
+  scale = tf.cast(new, tf.float32) / hw  # tf.image.resize's scale
+  first = (new - crop) // 2  # the crop's first row and column in the resized image
+  support = (
+    tf.maximum(1 / scale, 1.0) + 1
+  )  # the triangle kernel's radius in source pixels, and one more
+  begin = tf.maximum(tf.cast(tf.floor(tf.cast(first, tf.float32) / scale - support), tf.int32), 0)
+  end = tf.minimum(
+    tf.cast(tf.math.ceil(tf.cast(first + crop, tf.float32) / scale + support), tf.int32), shape
+  )
+  window = _decode_window(tf, data, begin[0], begin[1], end[0] - begin[0], end[1] - begin[1])
+  image = tf.raw_ops.ScaleAndTranslate(
+    images=tf.cast(window, tf.float32)[None],
+    size=tf.constant([crop, crop]),
+    scale=scale,
+    translation=tf.cast(begin, tf.float32) * scale - tf.cast(first, tf.float32),
+    kernel_type='triangle',
+    antialias=True,
+  )
+  return image[0]
+
+
 def one_crop_view(tf, data, cfg, mean_image):
   """Shorter side data.eval_resize, the centre crop: [crop, crop, 3]."""
-  crops = _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), False)
-  return normalize(crops, cfg, mean_image)
+  crop = centre_crop(tf, data, cfg.eval_resize, int(cfg.image_size))
+  return normalize(crop, cfg, mean_image)
 
 
 def one_crop(data: bytes, cfg, mean_image) -> np.ndarray:
@@ -413,7 +451,10 @@ def one_crop(data: bytes, cfg, mean_image) -> np.ndarray:
 
 
 def ten_crop_view(tf, data, cfg, mean_image):
-  """Corners (top-left, top-right, bottom-left, bottom-right), centre, then their flips: [10, crop, crop, 3]."""
+  """Corners (top-left, top-right, bottom-left, bottom-right), centre, then their flips: [10, crop, crop, 3].
+
+  The corners span the whole shorter side and most of the longer one, so the whole image is decoded.
+  """
   crops = _crops(tf, resize_shorter(tf, data, cfg.eval_resize), int(cfg.image_size), True)
   return normalize(crops, cfg, mean_image)
 
@@ -436,52 +477,122 @@ def bucket_shape(h: int, w: int, scale: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------ the dataset
 
 
-def _pipeline(split, items, view, shape, local_batch, threads):
-  """tf.data over `items` = [(example index or -1 for padding, seed pair)], in order, `local_batch` at a time;
-  yields {'image', 'label', 'mask'} numpy batches.
+def _first_line(error) -> str:
+  """TensorFlow's reason without its op suffix: 'Unknown image file format. One of JPEG, ...'."""
+  lines = (getattr(error, 'message', None) or str(error)).strip().splitlines() or ['']
+  line = re.sub(r'\{\{[^}]*\}\}', '', lines[0])  # {{function_node ...}}: where in the graph
+  return re.sub(r'\s*\[Op:\w+\].*$', '', line).strip()
 
-  The generator hands tf.data a batch of items per call, unbatched inside tf.data: a call into Python per
-  example would hold the parallel map back.
+
+def _bad_image(tf, split, index, seeds, view, error) -> DataError:
+  """The DataError naming the first example of a failed batch that `view` cannot make, found by making
+  them again one at a time (tf.data's error does not say which file it was reading)."""
+  for i, seed in zip(index, seeds):
+    if i < 0:
+      continue
+    row = split.row(i)
+    name = split.paths[row] if split.paths is not None else f'record {row} of split {split.name}'
+    try:
+      data = split.image_bytes(int(i))
+    except OSError as e:
+      return DataError(
+        f'cannot read {name} ({e.strerror or type(e).__name__}); restore or delete the file.'
+      )
+    try:
+      view(tf, tf.constant(data), tf.constant(seed, tf.int64))
+    except Exception as e:  # noqa: BLE001  # a decoder's error, or any other of the view's
+      reason = _first_line(e) if isinstance(e, tf.errors.OpError) else f'{type(e).__name__}: {e}'
+      return DataError(f'cannot decode image {name} ({reason}); replace or delete the file.')
+  return DataError(
+    f'cannot read a batch of split {split.name} ({_first_line(error)}); check that its images decode.'
+  )
+
+
+def _pipeline(split, items, view, shape, local_batch, threads):
+  """`view` of the examples `items` names, `local_batch` at a time: numpy {'image', 'label', 'mask'}.
+
+  `items` is (index, seeds), [n] example indices (-1 pads: a zero image, mask 0) and [n, 2] seed pairs, or
+  a function of k giving those of batch k = 0, 1, ... (endless: training). The paths and labels are
+  tensors, so tf.data reads and decodes in parallel without Python; Python runs once per batch, to draw an
+  endless stream's batch or to fetch tfds records. A file that does not decode ends the stream with a
+  DataError naming it.
   """
   tf = _tf()
+  if callable(items):
+    plan = items
 
-  def generate():
-    items_left = iter(items)
-    while chunk := list(itertools.islice(items_left, local_batch)):
-      records = [split.get(i) if i >= 0 else (b'', 0) for i, _ in chunk]
-      yield (
+    def step(k):
+      index, seeds = plan(int(k))
+      return np.asarray(index, np.int64), np.asarray(seeds, np.int64).reshape(-1, 2)
+
+    batches = tf.data.Dataset.range(2**62).map(
+      lambda k: tf.numpy_function(step, [k], (tf.int64, tf.int64), stateful=False)
+    )
+  else:
+    index, seeds = np.asarray(items[0], np.int64), np.asarray(items[1], np.int64).reshape(-1, 2)
+    batches = tf.data.Dataset.from_tensor_slices((index, seeds)).batch(local_batch)
+
+    def plan(k):
+      return index[k * local_batch : (k + 1) * local_batch], seeds[
+        k * local_batch : (k + 1) * local_batch
+      ]
+
+  if split.paths is not None:
+    rows = np.arange(split.size) if split.index is None else split.index
+    paths = tf.constant(np.array(split.paths, object)[rows].astype(bytes))
+    labels = tf.constant(split.labels[rows].astype(np.int32))
+
+    def example(i, seed):
+      return tf.io.read_file(paths[i]), labels[i], seed
+
+    examples = batches.unbatch()
+  else:  # tfds: array_record is read from Python, a batch per call
+
+    def fetch(index):
+      records = [split.get(i) if i >= 0 else (b'', 0) for i in index]
+      return (
         np.array([data for data, _ in records], object),
         np.array([label for _, label in records], np.int32),
-        np.array([seed for _, seed in chunk], np.int64).reshape(-1, 2),
-        np.array([i >= 0 for i, _ in chunk]),
       )
 
-  ds = tf.data.Dataset.from_generator(
-    generate,
-    output_signature=(
-      tf.TensorSpec([None], tf.string),
-      tf.TensorSpec([None], tf.int32),
-      tf.TensorSpec([None, 2], tf.int64),
-      tf.TensorSpec([None], tf.bool),
-    ),
-  ).unbatch()
+    def records(index, seeds):
+      data, label = tf.numpy_function(fetch, [index], (tf.string, tf.int32), stateful=False)
+      return index, seeds, tf.ensure_shape(data, [None]), tf.ensure_shape(label, [None])
 
-  def fn(data, label, seed, valid):
+    def example(i, seed, data, label):
+      return data, label, seed
+
+    examples = batches.map(records).unbatch()
+
+  def fn(i, seed, *record):
+    valid = i >= 0
+
     def real():
-      return view(tf, tf.io.read_file(data) if split.paths is not None else data, seed)
+      data, label, seed_ = example(tf.maximum(i, 0), seed, *record)
+      return tf.ensure_shape(view(tf, data, seed_), shape), label
 
-    image = tf.cond(valid, real, lambda: tf.zeros(shape, tf.float32))
-    return {
-      'image': tf.ensure_shape(image, shape),
-      'label': label,
-      'mask': tf.cast(valid, tf.float32),
-    }
+    image, label = tf.cond(valid, real, lambda: (tf.zeros(shape, tf.float32), tf.constant(0)))
+    return {'image': image, 'label': label, 'mask': tf.cast(valid, tf.float32)}
 
-  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(local_batch)
+  ds = examples.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
   options.autotune.ram_budget = 0
-  yield from ds.with_options(options).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  ds = ds.batch(local_batch).with_options(options).prefetch(tf.data.AUTOTUNE)
+  batch_iter = ds.as_numpy_iterator()
+  for k in itertools.count():
+    try:
+      batch = next(batch_iter)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      error = _bad_image(tf, split, *plan(k), view, e)
+      break
+    yield batch
+  # Raised outside the except clause, after the iterator is gone: the error must not keep tf.data's
+  # threads (and its Python callbacks) alive in a traceback while the interpreter exits.
+  del batch_iter, ds, examples, batches
+  raise error
 
 
 class ImageNet:
@@ -536,7 +647,9 @@ class ImageNet:
     crop = int(self.cfg.image_size)
     batches = _pipeline(
       self.train,
-      [(i, (0, 0)) for i in index],
+      (index, np.zeros((n, 2), np.int64)),
+      # The whole image resized, as when the cached means of existing runs were made: centre_crop's
+      # rounding would change a recomputed mean, and every training batch with it.
       lambda tf, d, s: _crops(tf, resize_shorter(tf, d, self.cfg.eval_resize), crop, False) / 255,
       (crop, crop, 3),
       64,
@@ -556,16 +669,16 @@ class ImageNet:
       )
     share = common.process_share(batch_size, process_index, process_count, 'train.batch_size')
 
-    def items():
-      for step in itertools.count(start_step):
-        index = common.step_indices(self.train.size, step, batch_size, seed, share)
-        seeds = np.random.default_rng([int(seed), step, 2]).integers(0, 2**62, (batch_size, 2))
-        yield from zip(index, seeds[share])
+    def items(k):
+      step = start_step + k
+      index = common.step_indices(self.train.size, step, batch_size, seed, share)
+      seeds = np.random.default_rng([int(seed), step, 2]).integers(0, 2**62, (batch_size, 2))
+      return index, seeds[share]
 
     crop = int(self.cfg.image_size)
     view = lambda tf, d, s: train_view(tf, d, s, self.cfg, self.mean_image)  # noqa: E731
     for b in _pipeline(
-      self.train, items(), view, (crop, crop, 3), share.stop - share.start, self.cfg.threads
+      self.train, items, view, (crop, crop, 3), share.stop - share.start, self.cfg.threads
     ):
       yield {'image': b['image'], 'label': b['label']}
 
@@ -574,13 +687,14 @@ class ImageNet:
     'mask' is 1 for real images."""
     indices = np.arange(self.eval.size) if indices is None else np.asarray(indices)
     share = common.process_share(batch_size, process_index, process_count, 'train.eval_batch_size')
-    mine = (
+    mine = [
       np.where(i >= 0, indices[np.maximum(i, 0)], -1)
       for i in common.eval_indices(len(indices), batch_size, share)
-    )
+    ]
+    index = np.concatenate(mine) if mine else np.zeros(0, np.int64)
     return _pipeline(
       self.eval,
-      ((i, (0, 0)) for batch in mine for i in batch),
+      (index, np.zeros((len(index), 2), np.int64)),
       lambda tf, d, s: view(tf, d),
       shape,
       share.stop - share.start,

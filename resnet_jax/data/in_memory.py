@@ -17,10 +17,13 @@ import os
 import posixpath
 import socket
 import tarfile
+import time
 import zlib
 
 import numpy as np
+from absl import logging
 
+from resnet_jax import writers
 from resnet_jax.data import common, imagenet
 from resnet_jax.data.common import DataError
 
@@ -325,23 +328,34 @@ def _decode_chunk(items, size: int) -> np.ndarray:
   return out
 
 
-def _decode_files(items, size: int) -> np.ndarray:
-  """Decodes in worker processes when that pays, since PIL holds the GIL.
+def _decode_files(items, size: int, where: str) -> np.ndarray:
+  """Decodes in worker processes when that pays, since PIL holds the GIL; logs the progress by quarters.
 
   Only idle cores count: worker processes competing with another busy job are slower than one process.
   """
   workers = min(len(os.sched_getaffinity(0)) - round(os.getloadavg()[0]), 16)
-  if len(items) < 5000 or workers < 2:
-    return _decode_chunk(items, size)
-  chunk = -(-len(items) // (4 * workers))
+  pooled = len(items) >= 5000 and workers >= 2
+  chunk = -(
+    -len(items) // (4 * workers if pooled else 20)
+  )  # a few per worker, or 20 for the progress
   chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
-  try:  # spawn, not fork: forking a process that runs JAX threads can deadlock
-    with concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context('spawn')
-    ) as ex:
-      return np.concatenate(list(ex.map(_decode_chunk, chunks, itertools.repeat(size))))
-  except concurrent.futures.process.BrokenProcessPool:
-    return _decode_chunk(items, size)
+  progress = writers.Milestones(f'Decoding {len(items):,} images of {where}', len(items), 'images')
+  logging.info(
+    '%s in %d process(es), once: later runs read the cached arrays.',
+    progress.what,
+    workers if pooled else 1,
+  )
+  if pooled:
+    try:  # spawn, not fork: forking a process that runs JAX threads can deadlock
+      with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context('spawn')
+      ) as ex:
+        decoded = ex.map(_decode_chunk, chunks, itertools.repeat(size))
+        return np.concatenate(list(progress.track(decoded, len)))
+    except concurrent.futures.process.BrokenProcessPool:
+      progress = writers.Milestones(progress.what, len(items), 'images')
+  decoded = (_decode_chunk(c, size) for c in chunks)
+  return np.concatenate(list(progress.track(decoded, len)))
 
 
 def _load_image_folder(spec, cfg, seed):
@@ -360,26 +374,36 @@ def _load_image_folder(spec, cfg, seed):
   cache = os.path.join(common.cache_dir(cfg), f'{spec.tfds_name}-folder-{key.hexdigest()[:20]}.npz')
   try:
     with np.load(cache) as f:
-      return (
+      loaded = (
         f['train_images'],
         f['train_labels'],
         f['eval_images'],
         f['eval_labels'],
         len(f['classes']),
       )
+    logging.info('Read the images of %s, decoded by an earlier run, from %s.', path, cache)
+    return loaded
   except Exception:  # absent or damaged: decode again
     pass
+  start = time.perf_counter()
   if os.path.isdir(path):
     items = [[(os.path.join(path, rel), None) for rel, _ in s] for s in splits]
   else:
+    logging.info('Reading the archive %s.', path)
     files, prefix = _read_archive(path, names)
     classes, splits = _index(files, path, names)
     items = [[(f'{path}:{prefix}{rel}', files[rel]) for rel, _ in s] for s in splits]
-  images = _decode_files(items[0] + items[1], size)  # one pool for both splits
+  images = _decode_files(items[0] + items[1], size, path)  # one pool for both splits
   arrays = {'train_images': images[: len(items[0])], 'eval_images': images[len(items[0]) :]}
   for name, files in zip(('train', 'eval'), splits):
     arrays[f'{name}_labels'] = np.array([label for _, label in files], np.int32)
   common.write_atomically(cache, lambda tmp: np.savez(tmp, classes=np.array(classes), **arrays))
+  logging.info(
+    'Decoded %s images in %.0f s and cached them in %s: later runs read that file instead.',
+    f'{len(images):,}',
+    time.perf_counter() - start,
+    cache,
+  )
   return (
     arrays['train_images'],
     arrays['train_labels'],

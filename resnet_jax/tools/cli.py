@@ -69,17 +69,20 @@ def define_distributed_flags():
 
 
 def quiet_libraries():
-  """Library INFO lines (orbax logs every save and restore) stay out of a tool's output: warnings only.
+  """Library INFO lines stay out of a tool's output: warnings only. orbax logs every save and restore;
+  JAX logs each platform it probes and does not find ("Unable to initialize backend 'tpu'"), which says
+  nothing about the devices it does use (main logs those).
 
   orbax's errors keep their first line but lose their tracebacks: a failed background write (a full disk)
   is logged by each of its threads, and the tool then reports it in one sentence.
   """
 
   def quiet(record):
-    if 'orbax' not in record.pathname:
+    if 'orbax' in record.pathname:
+      record.exc_info = None
+      record.exc_text = None
+    elif record.name.split('.')[0] not in ('jax', 'jaxlib'):
       return True
-    record.exc_info = None
-    record.exc_text = None
     return record.levelno >= logging.converter.STANDARD_WARNING
 
   logging.get_absl_handler().addFilter(quiet)
@@ -213,6 +216,12 @@ def no_arguments(argv, options: str):
 
 
 def run(main):
+  # TensorFlow (tf.data for ImageNet, TensorBoard events) logs INFO lines from C++ as it loads, in every
+  # process that imports it (oneDNN, CPU instructions it was not built for): they concern its own kernels,
+  # which never run the network. It reads this when it loads, always later (it is imported lazily), and
+  # so do processes started from here; TF_CPP_MIN_LOG_LEVEL=0 shows them again.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
   def wrapped(argv):
     quiet_libraries()
     main(argv)
