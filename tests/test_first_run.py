@@ -209,7 +209,7 @@ def test_reading_tools_print_no_orbax_metadata_warning_and_no_line_twice(tmp_pat
     ('summary',),
   ):
     result = subprocess.run(
-      [sys.executable, '-m', f'resnet_jax.{tool}', f'--workdir={tmp_path / "run"}', *args],
+      [sys.executable, '-m', f'resnet_jax.tools.{tool}', f'--workdir={tmp_path / "run"}', *args],
       cwd=REPO,
       env=probing,
       capture_output=True,
