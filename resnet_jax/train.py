@@ -6,7 +6,6 @@ global batch) and the loss is pmean'd: gradients of replicated params then come 
 A further pmean of the gradients would be a no-op at best; a psum would scale them by the device count.
 """
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -323,45 +322,14 @@ def host_batches(ds, config, mesh, start_step):
   return None, _stacked(batches, k)
 
 
-def exact_bn_images(config, num_train) -> int:
-  """The images the end-of-run exact BN statistics read: train.bn_stats_images, at least one global batch
-  and at most the training set, in whole global batches (a small set is not read over and over)."""
-  batch = config.train.batch_size
-  wanted = max(config.train.bn_stats_images, batch)
-  return max(min(wanted, num_train) // batch, 1) * batch
-
-
-@dataclasses.dataclass(frozen=True)
-class ExactBN:
-  """What an exact-BN pass read and how long it took; zeros when there was none (model.freeze_bn)."""
-
-  images: int = 0
-  seconds: float = 0.0
-
-
 def recompute_bn(state, ds, model, config, mesh):
-  """(the state with exact BN statistics over exact_bn_images training images (exact_bn.recompute), its
-  ExactBN); the state itself under model.freeze_bn, whose statistics stay as loaded."""
+  """(the state with exact BN statistics over train.bn_stats_images training images, the exact_bn.Pass);
+  the state itself under model.freeze_bn, whose statistics stay as loaded."""
   if config.model.get('freeze_bn', False):
-    return state, ExactBN()
-  start = time.perf_counter()
-  batch = config.train.batch_size
-  num_images = exact_bn_images(config, ds.num_train)
-  logging.info(
-    'Exact BN statistics: the network runs over %s training images (train.bn_stats_images=%s; '
-    '%d batches of %d).',
-    f'{num_images:,}',
-    f'{config.train.bn_stats_images:,}',
-    num_images // batch,
-    batch,
+    return state, exact_bn.Pass()
+  stats, done = exact_bn.measured_pass(
+    model, state.params, state.batch_stats, ds, config, mesh, config.train.bn_stats_images
   )
-  progress = writers.Milestones('Exact BN statistics', num_images // batch, 'batches')
-  batches = parallel.prefetch(
-    exact_bn.training_batches(ds, config, num_images), mesh, config.data.prefetch
-  )
-  stats = exact_bn.recompute(model, state.params, state.batch_stats, progress.track(batches), mesh)
-  done = ExactBN(progress.done * batch, time.perf_counter() - start)
-  logging.info('Exact BN statistics over %s images took %.0f s.', f'{done.images:,}', done.seconds)
   return state.replace(batch_stats=stats), done
 
 
@@ -473,7 +441,7 @@ def _train(config, workdir, ds, mesh, variables=None, fresh_start=False):
   batches = parallel.prefetch(host, mesh, config.data.prefetch)
   _log_start(config, start_step)
   train_metrics, eval_results, moving_average_results = None, None, None
-  exact_pass = ExactBN()
+  exact_pass = exact_bn.Pass()
   with (
     checkpointing.PreemptionHandler() as preemption,
     checkpointing.failed_writes_first(manager, state),
@@ -566,7 +534,7 @@ def final_results(config, ds, state, moving_average, exact, segments, exact_pass
 
   `{split}_error` is the checkpointed model's: exact statistics when train.recompute_bn_stats (the released
   ImageNet models), else the moving averages, as training left them. `wall_time_s` is the training time of
-  all segments; the exact-BN pass (ExactBN `exact_pass`) is apart, in `exact_bn_time_s`.
+  all segments; the exact-BN pass (exact_bn.Pass `exact_pass`) is apart, in `exact_bn_time_s`.
   """
   split = ds.eval_split
   reported = exact if config.train.recompute_bn_stats else moving_average

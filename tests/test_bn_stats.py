@@ -122,3 +122,13 @@ def test_after_training_and_as_a_command(tmp_path):
   assert abs(report['recomputed']['error'] - results['test_error']) < 1e-6
   assert report['checkpoint']['statistics'] == 'recomputed_after_training'
   assert abs(report['checkpoint']['error'] - results['test_error']) < 1e-6
+  # Asked for more than the 256 training images: the report says what the pass really read.
+  more = exact_bn.recalibrate_workdir(str(tmp_path), num_images=1000)
+  assert (more['num_images'], more['num_images_asked']) == (256, 1000)
+
+
+def test_a_pass_reads_whole_batches_of_at_most_the_training_set():
+  assert exact_bn.images_to_read(64, batch=32, num_train=256) == 64
+  assert exact_bn.images_to_read(70, batch=32, num_train=256) == 64
+  assert exact_bn.images_to_read(10, batch=32, num_train=256) == 32  # at least one batch
+  assert exact_bn.images_to_read(10_000, batch=32, num_train=250) == 224  # 7 whole batches of 250

@@ -171,6 +171,7 @@ def test_the_exact_bn_pass_reports_the_images_it_read_its_progress_and_its_own_t
     return stats
 
   monkeypatch.setattr(train, 'time', clock)
+  monkeypatch.setattr(exact_bn, 'time', clock)  # the pass times itself
   monkeypatch.setattr(exact_bn, 'recompute', slow_recompute)
   caplog.set_level('INFO')
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
