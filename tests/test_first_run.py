@@ -28,6 +28,18 @@ def test_tools_accept_relative_and_home_workdirs(tmp_path, monkeypatch):
   jax.tree.map(np.testing.assert_array_equal, absolute.variables, relative.variables)
 
 
+def folder_run(tmp_path, **overrides):
+  """small_run on the image folder tmp_path/data, every image of it, its cache under tmp_path."""
+  return small_run(
+    data__source='image_folder',
+    data__image_folder=str(tmp_path / 'data'),
+    data__cache_dir=str(tmp_path / 'cache'),
+    data__train_limit=0,
+    data__eval_limit=0,
+    **overrides,
+  )
+
+
 def test_eval_limit_samples_every_class_of_a_sorted_folder(tmp_path):
   """The first N files of a sorted folder are one or two classes; a limit must spread over all."""
   classes = tuple(f'class{i}' for i in range(5))
@@ -43,12 +55,8 @@ def test_eval_limit_samples_every_class_of_a_sorted_folder(tmp_path):
 
 def test_more_classes_than_outputs_is_refused_naming_both(tmp_path):
   write_image_folder(tmp_path / 'data', classes=('a', 'b', 'c'), per_class=(2, 1))
-  config = small_run(
-    data__source='image_folder',
-    data__image_folder=str(tmp_path / 'data'),
-    data__cache_dir=str(tmp_path / 'cache'),
-    data__train_limit=0,
-    data__eval_limit=0,
+  config = folder_run(
+    tmp_path,
     model__num_classes=2,
     train__batch_size=2,
   )
@@ -147,12 +155,8 @@ def test_the_exact_bn_pass_reports_the_images_it_read_its_progress_and_its_own_t
   write_image_folder(
     tmp_path / 'data', classes=('a', 'b', 'c'), per_class=(10, 2)
   )  # 30 training images
-  config = small_run(
-    data__source='image_folder',
-    data__image_folder=str(tmp_path / 'data'),
-    data__cache_dir=str(tmp_path / 'cache'),
-    data__train_limit=0,
-    data__eval_limit=0,
+  config = folder_run(
+    tmp_path,
     model__num_classes=3,
     train__batch_size=8,
     train__eval_batch_size=8,
@@ -189,12 +193,8 @@ def test_the_exact_bn_pass_reports_the_images_it_read_its_progress_and_its_own_t
 @pytest.mark.slow
 def test_reading_tools_print_no_orbax_metadata_warning_and_no_line_twice(tmp_path):
   write_image_folder(tmp_path / 'data', classes=('a', 'b'), per_class=(8, 2))
-  config = small_run(
-    data__source='image_folder',
-    data__image_folder=str(tmp_path / 'data'),
-    data__cache_dir=str(tmp_path / 'cache'),
-    data__train_limit=0,
-    data__eval_limit=0,
+  config = folder_run(
+    tmp_path,
     train__batch_size=8,
     train__eval_batch_size=8,
     train__bn_stats_images=8,
