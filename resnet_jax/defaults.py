@@ -155,6 +155,10 @@ def get_imagenet_config():
   config.data.scale_max = 480
   config.data.lighting_std = 0.1  # AlexNet's PCA colour noise; 0 = off
   config.data.eval_resize = 256  # 1-crop and 10-crop: the shorter side before cropping
+  # Every resize is bilinear. False: not antialiased, as the Caffe-era pipelines (OpenCV's, Torch's
+  # image.scale) | True: the kernel widens where the image shrinks, as PIL and torchvision resize (and
+  # as this codebase did before 2026-12-04: runs saved without the field read True, see from_saved).
+  config.data.antialias = False
   config.data.eval_scales = (224, 256, 384, 480, 640)  # multi-scale testing: the shorter sides
   config.data.mean_images = 10_000  # training images whose 1-crop views give the per-pixel mean
   config.data.threads = 0  # tf.data threads; 0 = one per core
@@ -194,8 +198,8 @@ def load_file(path):
 def from_saved(saved: dict):
   """A saved config (a workdir's config.json) on top of today's defaults.
 
-  Fields added after the run was started take their default values, so tools keep working on older runs;
-  tuples come back as tuples.
+  Fields added after the run was started take their default values, so tools keep working on older runs,
+  except where the default is not what such a run did (data.antialias); tuples come back as tuples.
   """
   config = get_config()
 
@@ -207,4 +211,7 @@ def from_saved(saved: dict):
         node[key] = tuple(value) if isinstance(node.get(key), tuple) else value
 
   merge(config, saved)
+  data = saved.get('data', {})
+  if data.get('name') == 'imagenet2012' and 'antialias' not in data:
+    config.data.antialias = True  # ImageNet runs saved before the switch resized with antialiasing
   return config

@@ -653,6 +653,8 @@ def convert(source, weights, depth, mean=None, config=None):
   config.data.channel_mean = tuple(spec['mean']) if any(spec['mean']) else ()
   config.data.channel_std = tuple(spec['std']) if any(v != 1 for v in spec['std']) else ()
   config.data.mean_image_file = workdir_lib.MEAN_IMAGE_NAME if spec['mean_image'] else ''
+  if spec['antialias'] is not None:
+    config.data.antialias = spec['antialias']
   variables = models.convert_layout(variables, bool(config.model.scan_blocks))
   return config, variables, mean_image
 

@@ -31,6 +31,7 @@ PREPROCESSING = {
     'mean': (0.485, 0.456, 0.406),
     'std': (0.229, 0.224, 0.225),
     'mean_image': False,
+    'antialias': True,  # PIL's resize
   },
   # Caffe: pixels in 0..255 minus the per-pixel mean image (mean_image_from_binaryproto); BGR in
   # the files, RGB here because from_caffe reverses conv1's input channels.
@@ -40,6 +41,7 @@ PREPROCESSING = {
     'mean': (0.0, 0.0, 0.0),
     'std': (1.0, 1.0, 1.0),
     'mean_image': True,
+    'antialias': False,  # not documented; the Caffe-era pipelines did not antialias
   },
   # pytorch_resnet_cifar10's trainer: ToTensor, then Normalize with ImageNet's statistics.
   'pytorch_resnet_cifar10': {
@@ -48,6 +50,7 @@ PREPROCESSING = {
     'mean': (0.485, 0.456, 0.406),
     'std': (0.229, 0.224, 0.225),
     'mean_image': False,
+    'antialias': None,  # CIFAR's images are not resized
   },
 }
 

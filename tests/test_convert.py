@@ -157,6 +157,12 @@ def test_torchvision_one_crop_is_transforms_output(torchvision_workdir, imagenet
   difference = np.abs(ours - reference)
   assert difference.mean() < 0.04, difference.mean()
   assert abs(float(ours.mean() - reference.mean())) < 0.025  # no error in scale or mean
+  assert (
+    config.antialias
+  )  # torchvision resizes with PIL's antialiasing; without it we are further off
+  config.antialias = False
+  plain = imagenet.one_crop(path.read_bytes(), config, imagenet.fixed_mean_image(config))
+  assert np.abs(plain - reference).mean() > 1.5 * difference.mean()
 
 
 def _converted_on_sample(weights, folder, tmp_path, source, **data):

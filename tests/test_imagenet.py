@@ -105,7 +105,9 @@ def test_train_batches_are_step_addressed_and_shared(sample):
 def test_ten_crops_are_corners_centre_and_flips(sample, imagenet_sample_folder):
   config, _ = sample
   data = _bytes(imagenet_sample_folder, 'n01530575')
-  resized = imagenet.resize_shorter(tf, data, config.data.eval_resize).numpy()
+  resized = imagenet.resize_shorter(
+    tf, data, config.data.eval_resize, config.data.antialias
+  ).numpy()
   crops = imagenet.ten_crop_view(tf, data, config.data, np.zeros(3, np.float32)).numpy() * 255
   c, (h, w) = 64, resized.shape[:2]
   assert crops.shape == (10, c, c, 3) and min(h, w) == config.data.eval_resize

@@ -50,6 +50,19 @@ def test_the_saved_mean_image_replaces_the_computed_one(tmp_path):
   assert run.with_saved_statistics(converted) is converted
 
 
+def test_imagenet_runs_saved_before_the_antialias_switch_keep_antialiasing(tmp_path):
+  """An ImageNet config.json written before data.antialias existed was resized with antialiasing, so it
+  reads True; today's runs read what they saved; CIFAR configs, which never resize, have no such field."""
+  saved = json.loads(defaults.get_imagenet_config().to_json())
+  assert saved['data'].pop('antialias') is False  # the default: the Caffe-era bilinear
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  assert Workdir(tmp_path).config().data.antialias is True
+  for value in (False, True):
+    saved['data']['antialias'] = value
+    assert defaults.from_saved(saved).data.antialias is value
+  assert 'antialias' not in defaults.from_saved(json.loads(defaults.get_config().to_json())).data
+
+
 def _image_folder(root, per_class):
   """root/{train,val}/{a,b}/*.png of random 40x48 pixels: an ImageNet-layout folder of two classes."""
   rng = np.random.default_rng(0)
