@@ -417,10 +417,11 @@ def centre_crop(tf, data, size, crop):
   """The centre crop x crop of the image resized to shorter side `size`, float32 0..255, decoding only the
   window of the JPEG that the crop's pixels are resampled from.
 
-  The pixels are those of resize_shorter(antialias=True) then the centre crop, to float rounding: the same antialiased
-  triangle kernel at the same scale (ScaleAndTranslate, which tf.image.resize calls), translated to the
-  window, which reaches a kernel's support (plus a pixel) beyond the crop's source, so every weight the whole
-  resize gives the crop's pixels sees the same source pixels; only the weights' float arithmetic differs.
+  The pixels are those of resize_shorter(antialias=True) then the centre crop, to float rounding: the same
+  antialiased triangle kernel at the same scale (ScaleAndTranslate, which tf.image.resize calls),
+  translated to the window, which reaches a kernel's support (plus a pixel) beyond the crop's source, so
+  every weight the whole resize gives the crop's pixels sees the same source pixels; only the weights'
+  float arithmetic differs.
   """
   shape = _shape(tf, data)
   hw = tf.cast(shape, tf.float32)
