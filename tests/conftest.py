@@ -9,8 +9,15 @@ import tarfile
 # while loading its LLVM) when TensorFlow was loaded first, as it is in this session: keep it out.
 sys.modules.setdefault('triton', None)
 
-# Before jax is imported anywhere: eight CPU devices so data-parallel code runs as on a pod slice.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Before jax is imported anywhere: eight CPU devices so data-parallel code runs as on a pod slice. XLA:CPU
+# ends the process when a device's thread reaches a collective 40 s after the others (by default), which a
+# loaded 2-core machine can cause (seen once, 2026-12-04: the notebook's kernel while another worker ran
+# ResNet-1202): allow minutes, in the test processes and the CLIs and kernels they start.
+os.environ.setdefault(
+  'XLA_FLAGS',
+  '--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_warn_stuck_timeout_seconds=120 '
+  '--xla_cpu_collective_call_terminate_timeout_seconds=300',
+)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 _CACHE = pathlib.Path(
