@@ -60,9 +60,21 @@ class NoUsableCheckpoint(RuntimeError):
   """Every checkpoint of the workdir was damaged and moved aside: no silent start from step 0."""
 
 
+def _whole_arrays_on_the_cpu():
+  """orbax writes a replicated array as one slice per device ("replica-parallel"), each cut by its own
+  XLA call; where the devices are CPUs, whose copies all sit in host memory, the slicing is all cost: 1.5 s
+  of each ResNet-8 save on 8 CPU devices (a 12.3 s run of 6 steps and 2 saves took 9.4 s without it).
+  Accelerators keep orbax's default. The checkpoints read the same either way."""
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if jax.default_backend() == 'cpu' and getattr(handler, '_use_replica_parallel', False):
+    # No public switch for the registered handler; registering another one logs a warning on every run.
+    handler._use_replica_parallel = False
+
+
 def manager(workdir, keep):
   # cleanup_tmp_directories: a write cut short (a kill, a full disk) leaves a temporary directory that
   # the next writer removes; only writers (the lock holder, convert) open a manager.
+  _whole_arrays_on_the_cpu()
   options = ocp.CheckpointManagerOptions(
     max_to_keep=keep, create=True, cleanup_tmp_directories=True
   )

@@ -211,16 +211,22 @@ def _released(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('depth,name', [(20, 'resnet20-12fca82f.th'), (56, 'resnet56-4bfd9763.th')])
+@pytest.mark.parametrize(
+  'depth,name,count', [(20, 'resnet20-12fca82f.th', 10_000), (56, 'resnet56-4bfd9763.th', 2_000)]
+)
 def test_released_weights_on_the_real_test_set(
-  depth, name, cifar_folder, cifar_cache_dir, tmp_path
+  depth, name, count, cifar_folder, cifar_cache_dir, tmp_path
 ):
-  """Logits within 1e-4 of PyTorch's on real images, and `evaluate`'s test error on all 10,000 JPEGs
-  within 2 images of PyTorch's on the same decoded pixels."""
+  """Logits within 1e-4 of PyTorch's on real images, and `evaluate`'s test error on `count` JPEGs (all
+  10,000 for ResNet-20; a seeded subset for ResNet-56, whose full test set is in
+  experiments/results/pretrained_cifar.md) within 2 images of PyTorch's on the same decoded pixels."""
   path = _released(name)
   config = pretrained.cifar_config(depth)
   config.data.update(
-    source='image_folder', image_folder=str(cifar_folder), cache_dir=str(cifar_cache_dir)
+    source='image_folder',
+    image_folder=str(cifar_folder),
+    cache_dir=str(cifar_cache_dir),
+    eval_limit=0 if count == 10_000 else count,
   )
   workdir = tmp_path / name
   pretrained.write_workdir(workdir, 'pytorch_resnet_cifar10', path, None, config=config)
@@ -228,14 +234,14 @@ def test_released_weights_on_the_real_test_set(
   from resnet_jax import data as data_lib
 
   ds = data_lib.load(run.config.data, run.config.seed)
-  assert len(ds.eval_labels) == 10_000
+  assert len(ds.eval_labels) == count
 
   net = CifarResNet(depth)
   checkpoint = torch.load(path, map_location='cpu', weights_only=True)
   net.load_state_dict({k.removeprefix('module.'): v for k, v in checkpoint['state_dict'].items()})
   net.eval()
   theirs = np.concatenate(
-    [torch_logits(net, ds.eval_images[i : i + 500]) for i in range(0, 10_000, 500)]
+    [torch_logits(net, ds.eval_images[i : i + 500]) for i in range(0, count, 500)]
   )
   ours = our_logits(run.config, run.variables, ds.eval_images[:1000])
   max_diff = float(np.abs(ours - theirs[:1000]).max())
@@ -243,13 +249,14 @@ def test_released_weights_on_the_real_test_set(
 
   result = evaluation.evaluate_workdir(workdir, '1crop', mesh=parallel.make_mesh())
   their_errors = int((theirs.argmax(1) != ds.eval_labels).sum())
-  our_errors = round(result['top1_error'] * 10_000)
+  our_errors = round(result['top1_error'] * count)
   print(
-    f'\nResNet-{depth}: max |logit diff| {max_diff:.2e} on 1,000 images; test error ours '
-    f'{our_errors / 100:.2f}% ({our_errors}), PyTorch {their_errors / 100:.2f}% ({their_errors})'
+    f'\nResNet-{depth}: max |logit diff| {max_diff:.2e} on 1,000 images; test error on {count:,} ours '
+    f'{100 * our_errors / count:.2f}% ({our_errors}), PyTorch {100 * their_errors / count:.2f}% '
+    f'({their_errors})'
   )
-  assert result['count'] == 10_000 and abs(our_errors - their_errors) <= 2
-  assert their_errors < 2_000  # a trained network: the copy's labels and the weights agree
+  assert result['count'] == count and abs(our_errors - their_errors) <= 2
+  assert their_errors < count / 5  # a trained network: the copy's labels and the weights agree
 
 
 def _converted_workdir(tmp_path, net):

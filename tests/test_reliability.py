@@ -295,6 +295,7 @@ def test_readers_beside_a_writer_read_complete_steps_and_leave_it_alone(tmp_path
   while writer.poll() is None:
     run = checkpointing.open_workdir(workdir)
     reads.append((run.step, run.state['params']))
+    time.sleep(0.05)  # many reads a checkpoint still, without taking a core from the writer
   evaluate_running = evaluate.poll() is None
   out, err = evaluate.communicate(timeout=300)
   assert evaluate.returncode == 0, err[-3000:]
