@@ -688,7 +688,10 @@ def _holds_this(workdir, config, variables, mean_image):
   if os.path.exists(config_path):
     with open(config_path) as f:
       saved = json.load(f)
-    if saved != json.loads(config.to_json_best_effort()):
+    # As tools read it (defaults.from_saved): a conversion written before a field existed is still this one.
+    if json.loads(defaults.from_saved(saved).to_json_best_effort()) != json.loads(
+      config.to_json_best_effort()
+    ):
       raise ConversionError(
         f'{workdir} already holds another run ({saved.get("name", "unnamed")}) whose config.json '
         f'differs from {config.name}: choose a new --workdir.'

@@ -4,6 +4,7 @@ config every tool reads), preprocessed as the weights' framework did, and the CL
 import hashlib
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -61,6 +62,28 @@ def torchvision_workdir(weights, tmp_path_factory):
   )
   assert written and config.name == 'torchvision_resnet18'
   return workdir
+
+
+def test_a_conversion_written_before_a_new_field_is_found_again(
+  weights, torchvision_workdir, tmp_path
+):
+  """A workdir converted before data.antialias existed: the same conversion finds it there (its saved
+  config reads the field as it was) and writes nothing; another preprocessing is refused."""
+  workdir = tmp_path / 'old'
+  shutil.copytree(torchvision_workdir, workdir)
+  config_json = workdir / 'config.json'
+  saved = json.loads(config_json.read_text())
+  del saved['data']['antialias']
+  config_json.write_text(json.dumps(saved))
+  before = _snapshot(workdir)
+  _, written = pretrained.write_workdir(
+    workdir, 'torchvision', weights['folder'] / 'resnet18.pth', 18
+  )
+  assert not written and _snapshot(workdir) == before
+  saved['data']['antialias'] = False  # not what torchvision's conversion sets
+  config_json.write_text(json.dumps(saved))
+  with pytest.raises(pretrained.ConversionError, match='already holds another run'):
+    pretrained.write_workdir(workdir, 'torchvision', weights['folder'] / 'resnet18.pth', 18)
 
 
 def _leaves(state):
