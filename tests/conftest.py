@@ -10,9 +10,9 @@ import tarfile
 sys.modules.setdefault('triton', None)
 
 # Before jax is imported anywhere: eight CPU devices so data-parallel code runs as on a pod slice. XLA:CPU
-# ends the process when a device's thread reaches a collective 40 s after the others (by default), which a
-# loaded 2-core machine can cause (seen once, 2026-12-04: the notebook's kernel while another worker ran
-# ResNet-1202): allow minutes, in the test processes and the CLIs and kernels they start.
+# ends the process when a device's thread reaches a collective 40 s after the others (by default); allow a
+# loaded 2-core machine minutes, in the test processes and the CLIs they start. (The notebook kernel's stall
+# of 2026-12-04 was a hang on an idle machine, not load: test_notebook runs it on one device.)
 os.environ.setdefault(
   'XLA_FLAGS',
   '--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_warn_stuck_timeout_seconds=120 '
